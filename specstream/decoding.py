@@ -1,0 +1,267 @@
+"""Greedy decoders as generators of step records: `plain` (one token per pass, the baseline) and
+`specstream` (draft tree, one-pass verification and speculation).
+
+Each pass is timed from its start to the moment its tokens and the next draft are known, after a
+device sync; building the record (token texts) happens after the clock stops.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .records import NodeRecord, StepRecord
+from .streams import SpeculativeModel
+from .tree import DraftTree, Fate, accept_longest_path, build_tree, node_fates, prune_by_score, tree_attention_mask
+
+TokenText = Callable[[int], str]
+MAX_NODE_BUDGET = 256  # beyond this a pass costs more than it can win on any device we target
+
+
+class SettingsError(ValueError):
+    """Decode settings out of bounds, with a message a visitor understands."""
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    max_new_tokens: int = 128  # the Spec-Bench figures in DESIGN.md use 128
+    top_k: tuple[int, ...] = (4, 3, 2, 2)  # candidates per depth; wider near the root, where acceptance is likeliest
+    node_budget: int = 24  # drafted nodes plus the root; keeps a CPU pass near the cost of a few tokens
+    prune_threshold: float = 0.0  # drop subtrees whose early-exit transition probability is below this; 0 = off
+    gamma: int | None = None  # tree depth; None = every stream of the adapter
+    stop_at_eos: bool = True
+
+    def validate(self, model: SpeculativeModel | None = None) -> DecodeSettings:
+        problems = []
+        if not 1 <= self.max_new_tokens <= 4096:
+            problems.append(f"max new tokens must be 1 to 4096, not {self.max_new_tokens}")
+        if not self.top_k or any(not 1 <= k <= 64 for k in self.top_k):
+            problems.append(f"top-k per depth must be 1 to 64 at every depth, not {list(self.top_k)}")
+        if not 1 <= self.node_budget <= MAX_NODE_BUDGET:
+            problems.append(f"node budget must be 1 to {MAX_NODE_BUDGET}, not {self.node_budget}")
+        if not 0.0 <= self.prune_threshold < 1.0:
+            problems.append(f"pruning threshold must be at least 0 and below 1, not {self.prune_threshold}")
+        streams = model.gamma if model else 8
+        if self.gamma is not None and not 1 <= self.gamma <= streams:
+            problems.append(f"gamma must be 1 to {streams} (the adapter's streams), not {self.gamma}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return self
+
+    def depth(self, model: SpeculativeModel) -> int:
+        return min(model.gamma if self.gamma is None else self.gamma, len(self.top_k))
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one decode, kept out of the records."""
+
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    passes: int = 0
+
+    def emit(self, candidates: list[int]) -> tuple[list[int], str | None]:
+        """Append candidates up to the limit or end-of-sequence; returns them and why we stop."""
+        emitted: list[int] = []
+        for token in candidates:
+            emitted.append(token)
+            if token in self.eos_ids:
+                self.tokens += emitted
+                return emitted, "eos"
+            if len(self.tokens) + len(emitted) >= self.max_new_tokens:
+                self.tokens += emitted
+                return emitted, "length"
+        self.tokens += emitted
+        return emitted, None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _start(model: SpeculativeModel, prompt_ids: list[int], settings: DecodeSettings, scratch_rows: int):
+    settings.validate(model)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    context = model.shape.max_positions
+    if len(prompt_ids) + settings.max_new_tokens > context:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; with {settings.max_new_tokens} new tokens that exceeds "
+            f"the model's context of {context} tokens"
+        )
+    cache = model.new_cache(len(prompt_ids) + settings.max_new_tokens + scratch_rows)
+    eos = frozenset(model.shape.eos_token_ids) if settings.stop_at_eos else frozenset()
+    return cache, _Run(settings.max_new_tokens, eos)
+
+
+def _prefill(model: SpeculativeModel, cache, prompt_ids: list[int], streams: bool, gamma: int | None = None):
+    device = model.weights.device
+    tokens = torch.tensor(prompt_ids, device=device)
+    positions = torch.arange(len(prompt_ids), device=device)
+    causal = torch.ones(len(prompt_ids), len(prompt_ids), dtype=torch.bool, device=device).tril()
+    out = model.forward(cache, tokens, positions, causal, stream_sources="last" if streams else None, gamma=gamma)
+    cache.advance(len(prompt_ids))
+    first = int(model.logits(out.main_hidden[-1]).argmax())
+    return first, out
+
+
+def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), path=(), bonus=None) -> StepRecord:
+    return StepRecord(
+        method=method,
+        step=step,
+        nodes=tuple(nodes),
+        accepted_path=tuple(path),
+        bonus_token=emitted[-1] if bonus is None else bonus,
+        emitted_tokens=tuple(emitted),
+        emitted_texts=tuple(token_text(t) for t in emitted),
+        seconds=seconds,
+        total_tokens=len(run.tokens),
+        forward_passes=run.passes,
+        finish_reason=reason,
+    )
+
+
+def plain_decode(
+    model: SpeculativeModel, prompt_ids: list[int], settings: DecodeSettings, token_text: TokenText = str
+) -> Iterator[StepRecord]:
+    """Greedy decoding, one token per forward pass, with the KV cache."""
+    cache, run = _start(model, prompt_ids, settings, scratch_rows=1)
+    device = model.weights.device
+    started = time.perf_counter()
+    token, _ = _prefill(model, cache, prompt_ids, streams=False)
+    one = torch.ones(1, 1, dtype=torch.bool, device=device)
+    step = 0
+    while True:
+        emitted, reason = run.emit([token])
+        run.passes += 1
+        _sync(device)
+        seconds = time.perf_counter() - started
+        root = (NodeRecord(0, token, token_text(token), -1, 0, 0, 1.0, 0, None, Fate.ACCEPTED, None, None),)
+        yield _record("plain", run, step, seconds, emitted, reason, token_text, nodes=root if step else (), path=(0,) if step else ())
+        if reason:
+            return
+        started = time.perf_counter()
+        step += 1
+        position = torch.tensor([cache.length], device=device)
+        out = model.forward(cache, torch.tensor([token], device=device), position, one)
+        cache.advance(1)
+        token = int(model.logits(out.main_hidden[0]).argmax())
+
+
+def _next_draft(model, stream_hidden: torch.Tensor, root: int, settings: DecodeSettings, depth: int) -> DraftTree:
+    """stream_hidden (gamma, d) of one node -> the best tree of top-k tokens per depth."""
+    widest = max(settings.top_k[:depth])
+    probs = torch.softmax(model.logits(stream_hidden[:depth]).float(), dim=-1)
+    top_probs, top_tokens = probs.topk(widest, dim=-1)
+    return build_tree(root, top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], settings.node_budget)
+
+
+def specstream_decode(
+    model: SpeculativeModel, prompt_ids: list[int], settings: DecodeSettings, token_text: TokenText = str
+) -> Iterator[StepRecord]:
+    """Speculative Streaming: each pass verifies the last draft and makes the next one."""
+    if model.adapter is None:
+        raise ValueError("Speculative Streaming needs a stream adapter")
+    depth = settings.validate(model).depth(model)
+    scratch = settings.node_budget * (1 + depth) + depth + 1
+    cache, run = _start(model, prompt_ids, settings, scratch_rows=scratch)
+    device = model.weights.device
+    started = time.perf_counter()
+    first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
+    tree = _next_draft(model, out.stream_hidden[0], first, settings, depth)
+    emitted, reason = run.emit([first])
+    run.passes += 1
+    _sync(device)
+    yield _record("specstream", run, 0, time.perf_counter() - started, emitted, reason, token_text)
+    step = 0
+    while not reason:
+        step += 1
+        started = time.perf_counter()
+        pass_result = _tree_pass(model, cache, tree, settings, depth)
+        emitted, reason = run.emit(pass_result.candidates)
+        run.passes += 1
+        tree_done = tree
+        if not reason:
+            tree = _next_draft(model, pass_result.stream_hidden, pass_result.candidates[-1], settings, depth)
+        _sync(device)
+        seconds = time.perf_counter() - started
+        nodes = _node_records(tree_done, pass_result, token_text)
+        yield _record(
+            "specstream", run, step, seconds, emitted, reason, token_text, nodes, pass_result.path, pass_result.candidates[-1]
+        )
+
+
+@dataclass
+class _TreePass:
+    path: list[int]
+    candidates: list[int]  # accepted drafted tokens, then the bonus token
+    kept: list[bool]
+    choice: list[int | None]
+    scores: list[float] | None
+    stream_hidden: torch.Tensor  # (gamma, d) at the deepest accepted node
+
+
+def _tree_pass(model: SpeculativeModel, cache, tree: DraftTree, settings: DecodeSettings, depth: int) -> _TreePass:
+    """Run the tree in one forward pass, verify it, and keep the accepted path in the cache."""
+    device = model.weights.device
+    parents, tokens = tree.parents, tree.tokens
+    scores: list[float] | None = None
+
+    def select_rows(early_hidden: torch.Tensor) -> list[int]:
+        nonlocal scores
+        scores = model.transition_scores(early_hidden, tokens, parents)
+        keep = prune_by_score(parents, scores, settings.prune_threshold)
+        return [i for i, k in enumerate(keep) if k]
+
+    out = model.forward(
+        cache,
+        torch.tensor(tokens, device=device),
+        torch.tensor(tree.depths, device=device) + cache.length,
+        tree_attention_mask(parents, device),
+        stream_sources="all",
+        select_rows=select_rows if settings.prune_threshold > 0 and len(tree) > 1 else None,
+        gamma=depth,
+    )
+    kept = [False] * len(tree)
+    choice: list[int | None] = [None] * len(tree)
+    for node in out.kept:
+        kept[node] = True
+    for node, token in zip(out.kept, model.logits(out.main_hidden).argmax(-1).tolist()):
+        choice[node] = token
+    path = accept_longest_path(parents, tokens, kept, choice)
+    cache.keep(torch.tensor(path, device=device))
+    deepest_row = out.kept.index(path[-1])
+    candidates = [tokens[i] for i in path[1:]] + [choice[path[-1]]]
+    return _TreePass(path, candidates, kept, choice, scores, out.stream_hidden[deepest_row])
+
+
+def _node_records(tree: DraftTree, result: _TreePass, token_text: TokenText) -> list[NodeRecord]:
+    fates = node_fates(tree.parents, result.kept, result.path)
+    records = []
+    for i, node in enumerate(tree.nodes):
+        choice = result.choice[i]
+        records.append(
+            NodeRecord(
+                index=i,
+                token_id=node.token,
+                text=token_text(node.token),
+                parent=node.parent,
+                depth=node.depth,
+                stream=node.depth,
+                draft_prob=node.draft_prob,
+                rank=node.rank,
+                prune_score=None if result.scores is None else result.scores[i],
+                fate=fates[i],
+                main_choice=choice,
+                main_choice_text=None if choice is None else token_text(choice),
+            )
+        )
+    return records
+
+
+DECODERS = {"plain": plain_decode, "specstream": specstream_decode}

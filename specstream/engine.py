@@ -1,0 +1,35 @@
+"""Putting a base model and a stream adapter together into the model the decoders run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapter import AdapterConfig, StreamAdapter, load_adapter
+from .loading import BaseModel
+from .streams import SpeculativeModel
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_ADAPTER = ASSETS / "adapter"
+
+
+def fresh_adapter(base: BaseModel, **settings) -> StreamAdapter:
+    """An untrained adapter: its streams predict nothing useful, but decoding stays correct."""
+    return StreamAdapter(AdapterConfig(base=base.identity, **settings), base.weights.shape)
+
+
+def default_adapter_path(base: BaseModel) -> Path | None:
+    """The adapter shipped in assets/, when it was trained for this base model."""
+    config = DEFAULT_ADAPTER / "adapter.json"
+    return DEFAULT_ADAPTER if config.is_file() and base.name in config.read_text() else None
+
+
+def build_model(base: BaseModel, adapter: str | Path | StreamAdapter | None = "default") -> SpeculativeModel:
+    """adapter: "default" (shipped, else fresh), "fresh", a path, an adapter, or None (plain only)."""
+    if adapter == "default":
+        path = default_adapter_path(base)
+        adapter = load_adapter(path, base.weights.shape, base.identity) if path else fresh_adapter(base)
+    elif adapter == "fresh":
+        adapter = fresh_adapter(base)
+    elif isinstance(adapter, (str, Path)):
+        adapter = load_adapter(adapter, base.weights.shape, base.identity)
+    return SpeculativeModel(base.weights, adapter)

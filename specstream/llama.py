@@ -1,0 +1,202 @@
+"""A compact Llama forward pass whose attention mask and positions are explicit arguments.
+
+We do not build on `transformers`' cache and mask classes: they change between releases and,
+on a small CPU, cost about a third of a single-token pass in Python overhead. The weights are
+plain tensors (q/k/v and gate/up fused, so each layer runs four matmuls), and every layer
+function works on a batch of rows `(B, R, d)` whose keys and values come from a caller-given
+`kv` function: the KV cache at inference, precomputed main-stream keys during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+# Rotary types whose frequencies depend on the sequence length at run time; our cached
+# cos/sin table cannot follow them, so we refuse them rather than be silently wrong.
+_DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The numbers of a Llama-family checkpoint that the forward pass needs."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_positions: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, config) -> LlamaShape:
+        eos = config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=float(config.rms_norm_eps),
+            max_positions=config.max_position_embeddings,
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (d,)
+    qkv: torch.Tensor  # ((H + 2 Hkv) * hd, d)
+    o: torch.Tensor  # (d, H * hd)
+    post_norm: torch.Tensor  # (d,)
+    gate_up: torch.Tensor  # (2 ff, d)
+    down: torch.Tensor  # (d, ff)
+
+
+@dataclass
+class LlamaWeights:
+    shape: LlamaShape
+    embed: torch.Tensor  # (V, d)
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # (d,)
+    lm_head: torch.Tensor  # (V, d); the same tensor as `embed` when the checkpoint ties them
+    inv_freq: torch.Tensor  # (hd / 2,) float32
+    rope_scale: float  # the attention scaling some rotary types (yarn) put on cos/sin
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], config, device, dtype) -> LlamaWeights:
+        shape = LlamaShape.from_config(config)
+
+        def get(name: str) -> torch.Tensor:
+            return state[name].to(device=device, dtype=dtype)
+
+        layers = []
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}."
+            attn = [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+            mlp = [get(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            layers.append(
+                LayerWeights(
+                    input_norm=get(p + "input_layernorm.weight"),
+                    qkv=torch.cat(attn).contiguous(),
+                    o=get(p + "self_attn.o_proj.weight"),
+                    post_norm=get(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat(mlp).contiguous(),
+                    down=get(p + "mlp.down_proj.weight"),
+                )
+            )
+        embed = get("model.embed_tokens.weight")
+        lm_head = embed if "lm_head.weight" not in state else get("lm_head.weight")
+        inv_freq, rope_scale = rotary_frequencies(config)
+        return cls(shape, embed, layers, get("model.norm.weight"), lm_head, inv_freq.to(device), rope_scale)
+
+
+def rotary_frequencies(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scale for the config's rotary type and scaling."""
+    params = getattr(config, "rope_parameters", None) or {}
+    legacy = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    if rope_type in _DYNAMIC_ROPE_TYPES:
+        raise ValueError(f"rotary scaling '{rope_type}' depends on sequence length and is not supported")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)).float(), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scale)
+
+
+def rotary_tables(weights: LlamaWeights, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (R, hd), for integer positions (R,)."""
+    freqs = positions.to(torch.float32)[:, None] * weights.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * weights.rope_scale).to(weights.dtype)
+    sin = (emb.sin() * weights.rope_scale).to(weights.dtype)
+    return cos, sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Delta(Protocol):
+    """Something that adds a (low-rank) correction to a projection, on some rows only."""
+
+    def __call__(self, target: str, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor: ...
+
+
+KVFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _project(name: str, x: torch.Tensor, weight: torch.Tensor, delta: Delta | None) -> torch.Tensor:
+    out = x @ weight.T
+    return out if delta is None else delta(name, x, out)
+
+
+def decoder_layer(
+    layer: LayerWeights,
+    shape: LlamaShape,
+    x: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    kv: KVFunction,
+    mask: torch.Tensor | None,
+    delta: Delta | None = None,
+) -> torch.Tensor:
+    """One Llama layer over rows x (B, R, d).
+
+    `kv(k, v)` receives this layer's new keys and values (B, Hkv, R, hd) and returns every key and
+    value the rows may attend to (B, Hkv, S, hd); `mask` (R, S) is True where a row may attend.
+    """
+    batch, rows, _ = x.shape
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    h = rms_norm(x, layer.input_norm, shape.rms_norm_eps)
+    qkv = _project("qkv", h, layer.qkv, delta)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
+    k = k.view(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
+    v = v.view(batch, rows, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = rotary
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    keys, values = kv(k, v)
+    attn_mask = None if mask is None else mask[None, None]
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
+    attn = attn.transpose(1, 2).reshape(batch, rows, heads * head_dim)
+    x = x + _project("o", attn, layer.o, delta)
+    h = rms_norm(x, layer.post_norm, shape.rms_norm_eps)
+    gate, up = _project("gate_up", h, layer.gate_up, delta).chunk(2, dim=-1)
+    return x + _project("down", F.silu(gate) * up, layer.down, delta)
+
+
+def causal_block_mask(past: int, rows: int, device) -> torch.Tensor:
+    """(rows, past + rows): every row sees the cached prefix and the rows up to itself."""
+    block = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(rows, past, dtype=torch.bool, device=device), block], dim=1)

@@ -1,0 +1,170 @@
+"""The Speculative Streaming model: a base Llama plus speculative streams in its top layers.
+
+Rows of one forward pass, in order: the main-stream nodes (a prompt, a single token or a flattened
+draft tree), then `gamma` stream rows for each node that sources streams. Layers below
+`N - N_s` see main rows only; at that layer an optional row selector prunes the tree, and each
+stream enters as its node's hidden state plus the stream's identifier embedding. In the top
+layers main rows attend to main rows exactly as in the base model; stream j of node t attends to
+the main stream up to and including t and to streams 1..j of t (multi-stream attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .adapter import StreamAdapter
+from .kv_cache import KVCache
+from .llama import LlamaWeights, decoder_layer, rms_norm, rotary_tables
+
+RowSelector = Callable[[torch.Tensor], list[int] | None]
+
+
+class LoraDelta:
+    """Adds one top layer's low-rank corrections to rows `first_row:` of each projection."""
+
+    def __init__(self, adapter: StreamAdapter, layer: int, first_row: int):
+        self.adapter, self.layer, self.first_row = adapter, layer, first_row
+
+    def __call__(self, target: str, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        key = f"{self.layer}_{target}"
+        if key not in self.adapter.lora_down or self.first_row >= outputs.shape[1]:
+            return outputs
+        rows = inputs[:, self.first_row :]
+        correction = (rows @ self.adapter.lora_down[key].T) @ self.adapter.lora_up[key].T
+        correction = correction * self.adapter.lora_scale
+        if self.first_row == 0:
+            return outputs + correction
+        outputs[:, self.first_row :] += correction
+        return outputs
+
+
+def stream_attention_mask(main_mask: torch.Tensor, sources: list[int], gamma: int) -> torch.Tensor:
+    """The multi-stream attention mask for the top layers.
+
+    main_mask (K, S): which of the S cached-plus-block slots each main row sees.
+    Returns (K + len(sources) * gamma, S + len(sources) * gamma), stream rows and columns ordered
+    (source, stream). Main rows never see a stream; stream j of source t sees what t sees, plus
+    streams 1..j of t.
+    """
+    rows, slots = main_mask.shape
+    count = len(sources) * gamma
+    own_streams = torch.block_diag(*[torch.ones(gamma, gamma, dtype=torch.bool).tril()] * len(sources))
+    top = torch.cat([main_mask, main_mask.new_zeros(rows, count)], dim=1)
+    inherited = main_mask[sources].repeat_interleave(gamma, dim=0)
+    bottom = torch.cat([inherited, own_streams.to(main_mask.device)], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+@dataclass
+class PassOutput:
+    kept: list[int]  # indices of the input rows that reached the top layers
+    main_hidden: torch.Tensor  # (K, d), final-normed, for kept rows
+    stream_hidden: torch.Tensor | None  # (sources, gamma, d), final-normed
+    early_hidden: torch.Tensor  # (T, d), main stream at the first stream layer, before pruning
+
+
+class SpeculativeModel:
+    """Base weights (frozen) and an optional stream adapter, on one device and dtype."""
+
+    def __init__(self, weights: LlamaWeights, adapter: StreamAdapter | None):
+        self.weights = weights
+        self.shape = weights.shape
+        if adapter is not None:
+            adapter = adapter.to(device=weights.device, dtype=weights.dtype).eval().requires_grad_(False)
+        self.adapter = adapter
+        self.gamma = adapter.config.gamma if adapter else 0
+        stream_layers = adapter.config.stream_layers if adapter else 0
+        self.first_stream_layer = self.shape.num_layers - stream_layers
+
+    def new_cache(self, capacity: int) -> KVCache:
+        s = self.shape
+        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity, device=self.weights.device, dtype=self.weights.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weights.lm_head.T
+
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        block_mask: torch.Tensor,
+        *,
+        stream_sources: str | None = None,
+        select_rows: RowSelector | None = None,
+        gamma: int | None = None,
+    ) -> PassOutput:
+        """One pass over T new main-stream rows (T,) at `positions`, seeing the committed cache and
+        the block rows that `block_mask` (T, T) allows. `stream_sources` is None, "all" or "last";
+        `select_rows` may prune rows at the first stream layer; `gamma` may use only the first
+        streams, which is exact because stream j never sees streams after it. Writes the main rows' keys and
+        values past `cache.length` (at their original offsets) without committing them."""
+        w, past, count = self.weights, cache.length, tokens.shape[0]
+        mask = torch.cat([block_mask.new_ones(count, past), block_mask], dim=1)
+        x = w.embed[tokens][None]  # (1, T, d)
+        rotary = rotary_tables(w, positions)
+        low_mask = None if count == 1 else mask
+        for layer in range(self.first_stream_layer):
+            x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, past, past + count), low_mask)
+        early_hidden = x[0]
+        kept = select_rows(early_hidden) if select_rows else None
+        kept = list(range(count)) if kept is None else kept
+        if len(kept) < count:
+            x, positions, mask = x[:, kept], positions[kept], mask[kept]
+        sources = self._stream_sources(stream_sources, len(kept))
+        gamma = self.gamma if gamma is None else min(gamma, self.gamma)
+        x, rotary, mask, slots = self._add_streams(x, positions, mask, sources, gamma, kept, past)
+        first_adapted = len(kept) if (self.adapter and self.adapter.config.lossless) else 0
+        span = mask.shape[1]
+        if not sources and len(kept) == 1:
+            mask = None  # one row that sees everything: no mask is faster
+        for layer in range(self.first_stream_layer, self.shape.num_layers):
+            delta = LoraDelta(self.adapter, layer - self.first_stream_layer, first_adapted) if self.adapter else None
+            x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, slots, span), mask, delta)
+        hidden = rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
+        streams = hidden[len(kept) :].view(len(sources), gamma, -1) if sources else None
+        return PassOutput(kept, hidden[: len(kept)], streams, early_hidden)
+
+    @staticmethod
+    def _writer(cache: KVCache, layer: int, slots, span: int):
+        return lambda k, v: cache.write(layer, slots, k, v, span)
+
+    def _stream_sources(self, which: str | None, kept_count: int) -> list[int]:
+        if which is None or self.adapter is None:
+            return []
+        return list(range(kept_count)) if which == "all" else [kept_count - 1]
+
+    def _add_streams(self, x, positions, mask, sources, gamma, kept, past):
+        """Append stream rows (source-major) and build the top layers' rotary, mask and slots."""
+        device, block = x.device, mask.shape[1] - past
+        pruned = len(kept) < block
+        # Unpruned rows and the stream scratch rows after them are contiguous: a slice write is cheaper.
+        slots = torch.tensor(kept, device=device) + past if pruned else past
+        if not sources:
+            return x, rotary_tables(self.weights, positions), mask, slots
+        embeddings = self.adapter.stream_embeddings[:gamma]  # (gamma, d)
+        streams = (x[0, sources][:, None, :] + embeddings[None]).reshape(1, -1, x.shape[-1])
+        offsets = torch.arange(1, gamma + 1, device=device)
+        # Stream j of the node at position p sits at p + j: the position of the token it predicts, less one.
+        stream_positions = (positions[sources][:, None] + offsets[None]).reshape(-1)
+        rotary = rotary_tables(self.weights, torch.cat([positions, stream_positions]))
+        mask = stream_attention_mask(mask, sources, gamma)
+        if pruned:
+            scratch = torch.arange(len(sources) * gamma, device=device) + past + block
+            slots = torch.cat([slots, scratch])
+        return torch.cat([x, streams], dim=1), rotary, mask, slots
+
+    def transition_scores(self, early_hidden: torch.Tensor, tokens: list[int], parents: list[int]) -> list[float]:
+        """The pruning map's estimate of each node's probability given its parent (root: 1)."""
+        internal = sorted({p for p in parents if p >= 0})
+        if not internal or self.adapter is None:
+            return [1.0] * len(tokens)
+        row_of = {node: row for row, node in enumerate(internal)}
+        hidden = self.adapter.pruning_map(early_hidden[internal])
+        log_probs = torch.log_softmax(self.logits(rms_norm(hidden, self.weights.final_norm, self.shape.rms_norm_eps)).float(), dim=-1)
+        rows = torch.tensor([row_of[p] for p in parents[1:]], device=log_probs.device)
+        columns = torch.tensor(tokens[1:], device=log_probs.device)
+        return [1.0] + log_probs[rows, columns].exp().tolist()

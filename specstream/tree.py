@@ -1,0 +1,141 @@
+"""The draft tree as data, and the pure functions that turn it into what a forward pass needs.
+
+Node 0 is the root: the last emitted token, not yet in the KV cache. A node at depth d was
+proposed by speculative stream d of the previous pass's deepest accepted node. Parents always
+come before their children, so a slice of the node list is itself a tree.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class Fate(str, Enum):
+    ACCEPTED = "accepted"  # on the accepted path (the root always is)
+    REJECTED = "rejected"  # verified: its parent's main stream chose another token
+    PRUNED = "pruned"  # dropped at the early-exit layer, before the stream layers
+    UNVERIFIED = "unverified"  # its parent was rejected, pruned or never verified
+
+
+@dataclass(frozen=True)
+class DraftNode:
+    token: int
+    parent: int  # index of the parent node; -1 for the root
+    depth: int
+    draft_prob: float  # the proposing stream's probability of this token; 1 for the root
+    rank: int  # 0 for the stream's top choice
+    path_prob: float  # product of draft probabilities from the root
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    nodes: tuple[DraftNode, ...]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def parents(self) -> list[int]:
+        return [n.parent for n in self.nodes]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [n.token for n in self.nodes]
+
+    @property
+    def depths(self) -> list[int]:
+        return [n.depth for n in self.nodes]
+
+
+def root_only(token: int) -> DraftTree:
+    return DraftTree((DraftNode(token, -1, 0, 1.0, 0, 1.0),))
+
+
+def build_tree(
+    root_token: int,
+    stream_probs: list[list[float]],
+    stream_tokens: list[list[int]],
+    top_k: tuple[int, ...],
+    node_budget: int,
+) -> DraftTree:
+    """The best `node_budget` nodes of the cartesian tree, ranked by path probability.
+
+    `stream_probs[d]` and `stream_tokens[d]` are stream d+1's candidates, best first; depth d+1
+    takes its first `top_k[d]`. A child's path probability never exceeds its parent's, so a
+    best-first expansion yields a valid tree: every chosen node's parent was chosen before it.
+    """
+    nodes = [DraftNode(root_token, -1, 0, 1.0, 0, 1.0)]
+    depth_limit = min(len(top_k), len(stream_probs))
+    frontier: list[tuple[float, int, int, int]] = []  # (-path_prob, order, parent, rank)
+    order = 0
+
+    def push_children(parent: int) -> None:
+        nonlocal order
+        depth = nodes[parent].depth
+        if depth >= depth_limit:
+            return
+        for rank in range(min(top_k[depth], len(stream_probs[depth]))):
+            heapq.heappush(frontier, (-nodes[parent].path_prob * stream_probs[depth][rank], order, parent, rank))
+            order += 1
+
+    push_children(0)
+    while frontier and len(nodes) < node_budget:
+        negative_prob, _, parent, rank = heapq.heappop(frontier)
+        depth = nodes[parent].depth
+        prob = stream_probs[depth][rank]
+        nodes.append(DraftNode(stream_tokens[depth][rank], parent, depth + 1, prob, rank, -negative_prob))
+        push_children(len(nodes) - 1)
+    return DraftTree(tuple(nodes))
+
+
+def tree_attention_mask(parents: list[int], device=None) -> torch.Tensor:
+    """(T, T) bool: node i may attend to node j iff j is i itself or one of its ancestors."""
+    size = len(parents)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] = mask[parent]
+        mask[i, i] = True
+    return mask.to(device)
+
+
+def prune_by_score(parents: list[int], scores: list[float], threshold: float) -> list[bool]:
+    """Keep a node iff its own score and all its ancestors' reach the threshold (root always)."""
+    keep = []
+    for i, parent in enumerate(parents):
+        keep.append(parent < 0 or (keep[parent] and scores[i] >= threshold))
+    return keep
+
+
+def accept_longest_path(parents: list[int], tokens: list[int], kept: list[bool], choice: list[int]) -> list[int]:
+    """Greedy verification: from the root, follow the kept child whose token equals the main
+    stream's choice at its parent. Returns the node indices of the accepted path, root first."""
+    path = [0]
+    while True:
+        node = path[-1]
+        child = next(
+            (i for i, p in enumerate(parents) if p == node and kept[i] and tokens[i] == choice[node]),
+            None,
+        )
+        if child is None:
+            return path
+        path.append(child)
+
+
+def node_fates(parents: list[int], kept: list[bool], path: list[int]) -> list[Fate]:
+    on_path = set(path)
+    fates = []
+    for i, parent in enumerate(parents):
+        if i in on_path:
+            fates.append(Fate.ACCEPTED)
+        elif not kept[i]:
+            fates.append(Fate.PRUNED)
+        elif parent in on_path:
+            fates.append(Fate.REJECTED)
+        else:
+            fates.append(Fate.UNVERIFIED)
+    return fates

@@ -1,0 +1,298 @@
+"""The benchmark: plain decoding, Speculative Streaming and transformers' own decoders on the same
+model, device, dtype and prompts, greedy, one method after another, with a warm-up first.
+
+    python -m specstream.bench --prompts FILE.jsonl --limit N --max-new-tokens M \\
+        --methods plain,specstream,hf_generate --json OUT.json [--adapter PATH] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .adapter import AdapterError
+from .decoding import DECODERS, DecodeSettings, SettingsError
+from .engine import build_model, default_adapter_path
+from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
+from .streams import SpeculativeModel
+
+METHODS = ("plain", "specstream", "hf_generate", "hf_prompt_lookup")
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Prompt:
+    question_id: str
+    category: str
+    text: str
+
+
+@dataclass
+class Outcome:
+    tokens: list[int]
+    seconds: float
+    forward_passes: int
+
+
+def read_prompts(path: Path, limit: int | None, category: str | None) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompt = Prompt(str(record["question_id"]), record.get("category", "unknown"), record["turns"][0])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise SystemExit(f"{path}:{number} is not a Spec-Bench record (question_id, category, turns)") from None
+        if category is None or prompt.category == category:
+            prompts.append(prompt)
+    return prompts[:limit] if limit else prompts
+
+
+class Runner:
+    """Runs one method on one prompt and times it, wall clock, after a device sync."""
+
+    def __init__(self, base: BaseModel, model: SpeculativeModel, settings: DecodeSettings):
+        self.base, self.model, self.settings = base, model, settings
+        self._reference = None
+
+    @property
+    def reference(self):
+        if self._reference is None:
+            self._reference = load_reference_model(self.base)
+        return self._reference
+
+    def run(self, method: str, prompt_ids: list[int], max_new_tokens: int) -> Outcome:
+        settings = DecodeSettings(**(asdict(self.settings) | {"max_new_tokens": max_new_tokens}))
+        self._sync()
+        started = time.perf_counter()
+        if method in DECODERS:
+            records = list(DECODERS[method](self.model, prompt_ids, settings))
+            tokens = [t for r in records for t in r.emitted_tokens]
+            passes = records[-1].forward_passes
+        else:
+            tokens, passes = self._run_transformers(method, prompt_ids, max_new_tokens)
+        self._sync()
+        return Outcome(tokens, time.perf_counter() - started, passes)
+
+    def _run_transformers(self, method: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        passes = 0
+
+        def count(*_):
+            nonlocal passes
+            passes += 1
+
+        hook = self.reference.register_forward_pre_hook(count)
+        options = {"prompt_lookup_num_tokens": 10} if method == "hf_prompt_lookup" else {}
+        eos = list(self.model.shape.eos_token_ids)
+        try:
+            with torch.inference_mode():
+                output = self.reference.generate(
+                    torch.tensor([prompt_ids], device=self.base.device),
+                    attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=self.base.device),
+                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+                    pad_token_id=eos[0] if eos else None, **options,
+                )
+        finally:
+            hook.remove()
+        return output[0, len(prompt_ids) :].tolist(), passes
+
+    def _sync(self) -> None:
+        if self.base.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def first_divergence(runner: Runner, prompt_ids: list[int], reference: list[int], other: list[int]) -> dict | None:
+    """Where `other` first leaves the plain output, with the logit gap between the two tokens
+    under our plain forward and under transformers' model: a near-tie shows as a tiny gap."""
+    position = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
+    if position is None:
+        if len(reference) == len(other):
+            return None
+        position = min(len(reference), len(other))
+        return {"position": position, "note": "one output is a prefix of the other"}
+    context = torch.tensor([prompt_ids + reference[:position]], device=runner.base.device)
+    ours = _our_logits(runner.model, context[0])
+    with torch.inference_mode():
+        theirs = runner.reference(context).logits[0, -1].float()
+    a, b = reference[position], other[position]
+    return {
+        "position": position,
+        "plain_token": a,
+        "other_token": b,
+        "plain_logit_gap": float(ours[a] - ours[b]),
+        "transformers_logit_gap": float(theirs[a] - theirs[b]),
+    }
+
+
+def _our_logits(model: SpeculativeModel, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        cache = model.new_cache(len(tokens))
+        causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool, device=tokens.device).tril()
+        out = model.forward(cache, tokens, torch.arange(len(tokens), device=tokens.device), causal)
+        return model.logits(out.main_hidden[-1]).float()
+
+
+def summarise(outcomes: dict[str, list[Outcome]]) -> dict:
+    summary = {}
+    for method, runs in outcomes.items():
+        tokens = sum(len(o.tokens) for o in runs)
+        seconds = sum(o.seconds for o in runs)
+        passes = sum(o.forward_passes for o in runs)
+        summary[method] = {
+            "tokens": tokens,
+            "seconds": round(seconds, 4),
+            "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
+            "forward_passes": passes,
+            "mean_accepted": round(tokens / passes, 4) if passes else 0.0,
+            "median_seconds_per_prompt": round(statistics.median(o.seconds for o in runs), 4),
+        }
+    return summary
+
+
+def speedups(summary: dict, over: str) -> dict:
+    if over not in summary:
+        return {}
+    return {m: round(s["tokens_per_s"] / summary[over]["tokens_per_s"], 3) for m, s in summary.items() if m != over}
+
+
+def machine_info(base: BaseModel) -> dict:
+    import transformers
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    if base.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(base.device)
+    return info
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    prompts = read_prompts(args.prompts, args.limit, args.category)
+    if not prompts:
+        raise SystemExit(f"no prompts in {args.prompts}" + (f" of category {args.category}" if args.category else ""))
+    base = load_base_model(args.model, device=args.device, dtype=args.dtype)
+    adapter = args.adapter or "default"
+    model = build_model(base, adapter)
+    settings = DecodeSettings(
+        top_k=tuple(int(k) for k in args.top_k.split(",")), node_budget=args.node_budget,
+        prune_threshold=args.prune_threshold, gamma=args.gamma,
+    ).validate(model)
+    runner = Runner(base, model, settings)
+    prompt_ids = [base.chat_prompt(p.text) for p in prompts]
+    for method in methods:  # warm-up: first-call allocations and kernel selection
+        runner.run(method, prompt_ids[0], WARMUP_TOKENS)
+    outcomes: dict[str, list[Outcome]] = {}
+    for method in methods:
+        outcomes[method] = [
+            runner.run(method, ids, args.max_new_tokens)
+            for ids in tqdm(prompt_ids, desc=f"{method:>16}", file=sys.stderr, disable=args.quiet)
+        ]
+    return report(args, base, model, runner, methods, prompts, prompt_ids, outcomes)
+
+
+def report(args, base, model, runner, methods, prompts, prompt_ids, outcomes) -> dict:
+    identical, divergences = 0, []
+    for i, prompt in enumerate(prompts):
+        outputs = {m: outcomes[m][i].tokens for m in methods}
+        reference_method = "plain" if "plain" in methods else methods[0]
+        same = all(o == outputs[reference_method] for o in outputs.values())
+        identical += same
+        for method in methods:
+            if not same and outputs[method] != outputs[reference_method]:
+                found = first_divergence(runner, prompt_ids[i], outputs[reference_method], outputs[method])
+                divergences.append({"question_id": prompt.question_id, "method": method, "versus": reference_method} | found)
+    summary = summarise(outcomes)
+    categories = sorted({p.category for p in prompts})
+    per_category = {}
+    for category in categories:
+        rows = [i for i, p in enumerate(prompts) if p.category == category]
+        part = summarise({m: [outcomes[m][i] for i in rows] for m in methods})
+        per_category[category] = {"prompts": len(rows), "methods": part, "speedup_vs_plain": speedups(part, "plain")}
+    adapter_path = args.adapter or default_adapter_path(base)
+    return {
+        "model": base.name,
+        "model_description": base.description,
+        "device": str(base.device),
+        "dtype": str(base.dtype).replace("torch.", ""),
+        "adapter": str(adapter_path) if adapter_path else "fresh (untrained)",
+        "adapter_mode": model.adapter.config.mode if model.adapter else None,
+        "settings": asdict(runner.settings) | {"max_new_tokens": args.max_new_tokens},
+        "prompts": len(prompts),
+        "prompt_file": str(args.prompts),
+        "methods": summary,
+        "speedup_vs_plain": summary["specstream"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
+        if {"plain", "specstream"} <= set(summary) else None,
+        "speedups_over_plain": speedups(summary, "plain"),
+        "speedups_over_hf_generate": speedups(summary, "hf_generate"),
+        "identical_outputs": identical,
+        "divergences": divergences,
+        "per_category": per_category,
+        "machine": machine_info(base),
+    }
+
+
+def print_summary(result: dict) -> None:
+    print(f"\n{result['model']} on {result['device']} ({result['dtype']}), {result['prompts']} prompts, "
+          f"adapter: {result['adapter']}")
+    print(f"{'method':>18} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/pass':>8}")
+    for method, s in result["methods"].items():
+        print(f"{method:>18} {s['tokens']:>7} {s['seconds']:>8.2f} {s['tokens_per_s']:>8.2f} {s['mean_accepted']:>8.2f}")
+    if result["speedup_vs_plain"]:
+        print(f"specstream speedup over plain: {result['speedup_vs_plain']:.2f}x")
+    print(f"identical outputs: {result['identical_outputs']} of {result['prompts']}")
+    for d in result["divergences"][:5]:
+        print(f"  divergence: {d}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m specstream.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=Path, required=True, help="Spec-Bench style JSONL")
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts")
+    parser.add_argument("--category", default=None, help="only prompts of this Spec-Bench category")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--methods", default="plain,specstream,hf_generate", help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--adapter", default=None, help="adapter folder; default: the one in assets/, else a fresh one")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id; default: SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--top-k", default=",".join(map(str, DecodeSettings.top_k)), help="candidates per depth")
+    parser.add_argument("--node-budget", type=int, default=DecodeSettings.node_budget)
+    parser.add_argument("--prune-threshold", type=float, default=DecodeSettings.prune_threshold)
+    parser.add_argument("--gamma", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise SystemExit("--max-new-tokens must be at least 1")
+    try:
+        result = benchmark(args)
+    except (AdapterError, ModelLoadError, SettingsError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print_summary(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

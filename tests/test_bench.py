@@ -1,0 +1,55 @@
+"""The benchmark's command-line contract, on the tiny model."""
+
+import json
+
+import pytest
+
+from specstream import bench
+from specstream.adapter import save_adapter
+
+from .conftest import random_adapter
+
+PROMPTS = [
+    {"question_id": 1, "category": "writing", "turns": ["w3 w4 w5", "second turn is ignored"]},
+    {"question_id": 2, "category": "coding", "turns": ["w6 w7"]},
+    {"question_id": 3, "category": "coding", "turns": ["w8"]},
+]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path):
+    adapter = save_adapter(random_adapter(tiny_base, 0), tmp_path / "adapter")
+    out = tmp_path / "out.json"
+    argv = ["--prompts", str(prompt_file), "--limit", "2", "--max-new-tokens", "12", "--methods",
+            "plain,specstream,hf_generate", "--json", str(out), "--adapter", str(adapter), "--model", str(tiny_dir),
+            "--device", "cpu", "--dtype", "float64", "--quiet"]
+    bench.main(argv)
+    result = json.loads(out.read_text())
+    for key in ("model", "device", "dtype", "prompts", "methods", "speedup_vs_plain", "identical_outputs", "divergences"):
+        assert key in result
+    assert result["prompts"] == 2 and result["device"] == "cpu" and result["dtype"] == "float64"
+    for method in ("plain", "specstream", "hf_generate"):
+        stats = result["methods"][method]
+        assert {"tokens", "seconds", "tokens_per_s", "forward_passes", "mean_accepted"} <= set(stats)
+        assert stats["tokens"] > 0
+    assert result["methods"]["plain"]["mean_accepted"] == 1.0
+    assert result["identical_outputs"] == 2, result["divergences"]
+    assert set(result["per_category"]) == {"writing", "coding"}
+
+
+def test_bench_category_filter_and_errors(tiny_dir, prompt_file, tmp_path):
+    def argv(methods="plain", adapter="fresh"):
+        return ["--prompts", str(prompt_file), "--category", "coding", "--max-new-tokens", "4", "--methods", methods,
+                "--model", str(tiny_dir), "--device", "cpu", "--quiet", "--adapter", adapter]
+
+    assert bench.main(argv())["prompts"] == 2
+    with pytest.raises(SystemExit, match="unknown methods"):
+        bench.main(argv(methods="magic"))
+    with pytest.raises(SystemExit, match="adapter folder .* does not exist"):
+        bench.main(argv(adapter=str(tmp_path / "missing")))

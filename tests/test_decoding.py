@@ -1,0 +1,137 @@
+"""Lossless: greedy specstream output equals greedy plain output, whatever the adapter."""
+
+import random
+
+import pytest
+
+from specstream.decoding import DecodeSettings, SettingsError, plain_decode, specstream_decode
+from specstream.streams import SpeculativeModel
+from specstream.tree import Fate
+
+from .conftest import random_adapter, with_eos
+
+WIDE = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=60, stop_at_eos=False)
+
+
+def tokens_of(records):
+    return [t for r in records for t in r.emitted_tokens]
+
+
+def decode_both(model, prompt, settings):
+    plain = list(plain_decode(model, prompt, settings))
+    spec = list(specstream_decode(model, prompt, settings))
+    return plain, spec
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_specstream_equals_plain_for_random_adapters(tiny_base, seed):
+    rng = random.Random(seed)
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, seed, gamma=rng.choice([1, 2, 3])))
+    prompt = [rng.randrange(3, 24) for _ in range(rng.randrange(1, 10))]
+    settings = DecodeSettings(
+        max_new_tokens=rng.randrange(1, 50), top_k=(6, 4, 3), node_budget=rng.choice([1, 5, 60]),
+        prune_threshold=rng.choice([0.0, 0.05]), stop_at_eos=False,
+    )
+    plain, spec = decode_both(model, prompt, settings)
+    assert tokens_of(spec) == tokens_of(plain)
+    assert len(tokens_of(plain)) == settings.max_new_tokens
+    assert plain[-1].finish_reason == spec[-1].finish_reason == "length"
+
+
+def test_records_are_consistent(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 7))
+    _, spec = decode_both(model, [4, 5, 6], WIDE)
+    assert spec[0].step == 0 and spec[0].nodes == ()
+    accepted_any = False
+    for record in spec[1:]:
+        fates = [n.fate for n in record.nodes]
+        assert [n.index for n in record.nodes if n.fate is Fate.ACCEPTED] == sorted(record.accepted_path)
+        path_tokens = [record.nodes[i].token_id for i in record.accepted_path[1:]]
+        assert list(record.emitted_tokens) == (path_tokens + [record.bonus_token])[: len(record.emitted_tokens)]
+        assert record.nodes[record.accepted_path[-1]].main_choice == record.bonus_token
+        for node in record.nodes[1:]:
+            parent = record.nodes[node.parent]
+            if node.fate is Fate.REJECTED:
+                assert parent.fate is Fate.ACCEPTED and parent.main_choice != node.token_id
+        accepted_any |= record.accepted_length > 0
+        assert Fate.PRUNED not in fates  # pruning is off in WIDE
+        assert record.seconds > 0
+    assert accepted_any, "the wide tree on a tiny vocabulary should accept something"
+    assert spec[-1].tokens_per_pass > 1.0
+    assert spec[-1].forward_passes == len(spec)
+
+
+def test_end_of_sequence_inside_an_accepted_path(tiny_base):
+    """Stop exactly at EOS even when it falls inside a pass's accepted tokens."""
+    hits = 0
+    for seed in range(8):
+        model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, seed))
+        free_run = tokens_of(plain_decode(model, [seed + 3, 9], WIDE))
+        eos = next((t for i, t in enumerate(free_run) if i >= 2 and t not in free_run[:i]), None)
+        if eos is None:
+            continue
+        stopping = with_eos(model, eos)
+        settings = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=60)
+        plain, spec = decode_both(stopping, [seed + 3, 9], settings)
+        assert tokens_of(spec) == tokens_of(plain) == free_run[: free_run.index(eos) + 1]
+        assert spec[-1].finish_reason == "eos"
+        last = spec[-1]
+        hits += len(last.emitted_tokens) < last.accepted_length + 1
+    assert hits > 0, "no run stopped inside an accepted path; the test lost its point"
+
+
+def test_token_limit_inside_an_accepted_path(tiny_base):
+    hits = 0
+    for seed in range(8):
+        model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, seed))
+        for limit in (2, 3, 5, 8):
+            settings = DecodeSettings(max_new_tokens=limit, top_k=(6, 4, 3), node_budget=60, stop_at_eos=False)
+            plain, spec = decode_both(model, [seed + 3, 9, 11], settings)
+            assert tokens_of(spec) == tokens_of(plain) and len(tokens_of(spec)) == limit
+            hits += len(spec[-1].emitted_tokens) < spec[-1].accepted_length + 1
+    assert hits > 0
+
+
+def test_empty_reply(tiny_base):
+    """EOS as the very first token: both decoders emit just it."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 0))
+    first = tokens_of(plain_decode(model, [5, 6], DecodeSettings(max_new_tokens=1)))[0]
+    plain, spec = decode_both(with_eos(model, first), [5, 6], DecodeSettings(max_new_tokens=20))
+    assert tokens_of(plain) == tokens_of(spec) == [first]
+    assert len(spec) == 1 and spec[0].finish_reason == "eos"
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 0))
+    for decode in (plain_decode, specstream_decode):
+        with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
+            next(decode(model, [5] * 250, DecodeSettings(max_new_tokens=10)))
+        with pytest.raises(ValueError, match="prompt is empty"):
+            next(decode(model, [], DecodeSettings(max_new_tokens=10)))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (DecodeSettings(max_new_tokens=0), "max new tokens"),
+        (DecodeSettings(top_k=()), "top-k"),
+        (DecodeSettings(top_k=(4, 0)), "top-k"),
+        (DecodeSettings(node_budget=10_000), "node budget"),
+        (DecodeSettings(prune_threshold=1.5), "pruning threshold"),
+        (DecodeSettings(gamma=9), "gamma must be 1 to 3"),
+    ],
+)
+def test_absurd_settings_are_refused(tiny_base, settings, message):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 0))
+    with pytest.raises(SettingsError, match=message):
+        next(specstream_decode(model, [5, 6], settings))
+
+
+def test_pruning_marks_pruned_nodes(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 5))
+    settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=60, prune_threshold=0.2, stop_at_eos=False)
+    plain, spec = decode_both(model, [3, 4, 5], settings)
+    assert tokens_of(spec) == tokens_of(plain)
+    pruned = [n for r in spec[1:] for n in r.nodes if n.fate is Fate.PRUNED]
+    assert pruned and all(n.prune_score is not None for n in pruned)
+    assert all(n.prune_score < 0.2 or r.nodes[n.parent].fate is Fate.PRUNED for r in spec[1:] for n in r.nodes if n.fate is Fate.PRUNED)

@@ -1,0 +1,77 @@
+"""Our forward pass against transformers' own Llama, and the tree mask against running paths alone."""
+
+import random
+
+import pytest
+import torch
+
+from specstream.loading import load_base_model, load_reference_model
+from specstream.streams import SpeculativeModel
+from specstream.tree import DraftNode, DraftTree, tree_attention_mask
+
+from .conftest import random_adapter
+
+
+def _prefill(model, tokens):
+    cache = model.new_cache(len(tokens) + 128)
+    causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+    out = model.forward(cache, torch.tensor(tokens), torch.arange(len(tokens)), causal)
+    cache.advance(len(tokens))
+    return cache, model.logits(out.main_hidden)
+
+
+def test_logits_match_transformers(tiny_dir):
+    base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
+    reference = load_reference_model(base)
+    tokens = [1, 5, 9, 13, 7, 7, 20, 3, 11]
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens])).logits[0]
+        _, ours = _prefill(SpeculativeModel(base.weights, None), tokens)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_step_matches_transformers(tiny_dir):
+    base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
+    reference = load_reference_model(base)
+    tokens = [1, 5, 9, 13, 7, 7, 20, 3]
+    model = SpeculativeModel(base.weights, None)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens + [4]])).logits[0, -1]
+        cache, _ = _prefill(model, tokens)
+        out = model.forward(cache, torch.tensor([4]), torch.tensor([len(tokens)]), torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(model.logits(out.main_hidden[0]), expected, atol=1e-4, rtol=1e-4)
+
+
+def random_tree(rng: random.Random, size: int, vocab: int) -> DraftTree:
+    nodes = [DraftNode(rng.randrange(vocab), -1, 0, 1.0, 0, 1.0)]
+    for _ in range(size - 1):
+        parent = rng.randrange(len(nodes))
+        nodes.append(DraftNode(rng.randrange(vocab), parent, nodes[parent].depth + 1, 0.5, 0, 0.5))
+    return DraftTree(tuple(nodes))
+
+
+def path_to(tree: DraftTree, node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = tree.nodes[node].parent
+    return path[::-1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_pass_equals_each_path_alone(tiny_base, seed):
+    """Every node's main-stream logits from one tree pass equal those of running its path alone."""
+    rng = random.Random(seed)
+    vocab = tiny_base.weights.shape.vocab_size
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, seed))
+    prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+    tree = random_tree(rng, rng.randrange(2, 20), vocab)
+    with torch.inference_mode():
+        cache, _ = _prefill(model, prompt)
+        positions = torch.tensor(tree.depths) + len(prompt)
+        out = model.forward(cache, torch.tensor(tree.tokens), positions, tree_attention_mask(tree.parents), stream_sources="all")
+        tree_logits = model.logits(out.main_hidden)
+        for node in range(len(tree)):
+            alone = [tree.tokens[i] for i in path_to(tree, node)]
+            _, logits = _prefill(model, prompt + alone)
+            torch.testing.assert_close(tree_logits[node], logits[-1], atol=1e-9, rtol=1e-9)

@@ -1,0 +1,70 @@
+"""Multi-stream attention: streams never change the main stream, and each stream sees exactly
+the main stream up to its own position and the streams before it at that position."""
+
+import torch
+
+from specstream.streams import SpeculativeModel, stream_attention_mask
+
+from .conftest import random_adapter
+
+PROMPT = [1, 7, 9, 12, 4, 18, 6, 10, 15]
+
+
+def run(model, tokens, gamma=None):
+    cache = model.new_cache(len(tokens) * 8 + 32)
+    causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+    with torch.inference_mode():
+        return model.forward(cache, torch.tensor(tokens), torch.arange(len(tokens)), causal, stream_sources="all", gamma=gamma)
+
+
+def test_main_stream_ignores_stream_weights(tiny_base):
+    plain = run(SpeculativeModel(tiny_base.weights, None), PROMPT)
+    for seed in range(3):
+        streamed = run(SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, seed)), PROMPT)
+        assert torch.equal(streamed.main_hidden, plain.main_hidden)
+        assert streamed.stream_hidden is not None
+
+
+def test_streams_depend_on_their_weights(tiny_base):
+    one = run(SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 1)), PROMPT)
+    two = run(SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 2)), PROMPT)
+    assert not torch.allclose(one.stream_hidden, two.stream_hidden)
+
+
+def test_stream_sees_main_up_to_its_position_only(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    base_run = run(model, PROMPT)
+    t = 4
+    changed = PROMPT[: t + 1] + [(x + 1) % 20 + 3 for x in PROMPT[t + 1 :]]  # only the future changes
+    future_changed = run(model, changed)
+    torch.testing.assert_close(future_changed.stream_hidden[: t + 1], base_run.stream_hidden[: t + 1], atol=1e-10, rtol=0)
+    past_changed = run(model, [PROMPT[0], 3] + PROMPT[2:])
+    assert not torch.allclose(past_changed.stream_hidden[t], base_run.stream_hidden[t])
+
+
+def test_stream_sees_earlier_streams_not_later(tiny_base):
+    adapter = random_adapter(tiny_base, 4)
+    model = SpeculativeModel(tiny_base.weights, adapter)
+    full = run(model, PROMPT)
+    # Streams 1..2 computed alone equal the first two of three: stream 3 is invisible to them.
+    torch.testing.assert_close(run(model, PROMPT, gamma=2).stream_hidden, full.stream_hidden[:, :2], atol=1e-10, rtol=0)
+    # Changing stream 1's embedding changes stream 2 (it sees stream 1).
+    with torch.no_grad():
+        model.adapter.stream_embeddings[0] += 1.0
+    changed = run(model, PROMPT)
+    assert not torch.allclose(changed.stream_hidden[:, 1], full.stream_hidden[:, 1])
+
+
+def test_stream_attention_mask_layout():
+    main = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # two main rows over three slots
+    mask = stream_attention_mask(main, sources=[1], gamma=2)
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],  # main rows never see streams
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],  # stream 1 of row 1: what row 1 sees, plus itself
+            [1, 1, 1, 1, 1],  # stream 2: also stream 1
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)

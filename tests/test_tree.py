@@ -1,0 +1,64 @@
+"""The draft tree's pure functions."""
+
+import random
+
+import torch
+
+from specstream.tree import Fate, accept_longest_path, build_tree, node_fates, prune_by_score, tree_attention_mask
+
+
+def test_build_tree_respects_budget_and_top_k():
+    probs = [[0.6, 0.3, 0.1], [0.9, 0.1], [0.5, 0.5]]
+    tokens = [[10, 11, 12], [20, 21], [30, 31]]
+    tree = build_tree(7, probs, tokens, top_k=(3, 2, 1), node_budget=100)
+    assert len(tree) == 1 + 3 + 3 * 2 + 3 * 2 * 1  # the full cartesian tree
+    assert tree.nodes[0].token == 7 and tree.nodes[0].parent == -1
+    small = build_tree(7, probs, tokens, top_k=(3, 2, 1), node_budget=5)
+    assert len(small) == 5
+    kept = sorted((n.path_prob for n in tree.nodes[1:]), reverse=True)[:4]
+    assert sorted((n.path_prob for n in small.nodes[1:]), reverse=True) == kept
+    for i, node in enumerate(tree.nodes[1:], 1):
+        assert node.parent < i and node.depth == tree.nodes[node.parent].depth + 1
+        assert node.token == tokens[node.depth - 1][node.rank]
+
+
+def test_tree_attention_mask_is_ancestors_and_self():
+    parents = [-1, 0, 0, 1, 3, 2]
+    mask = tree_attention_mask(parents)
+    for i in range(len(parents)):
+        ancestors, node = set(), i
+        while node >= 0:
+            ancestors.add(node)
+            node = parents[node]
+        assert {j for j in range(len(parents)) if mask[i, j]} == ancestors
+    assert mask.dtype == torch.bool
+
+
+def test_prune_drops_whole_subtrees():
+    parents = [-1, 0, 0, 1, 3]
+    scores = [1.0, 0.05, 0.9, 0.9, 0.9]
+    assert prune_by_score(parents, scores, 0.1) == [True, False, True, False, False]
+
+
+def test_accept_and_fates():
+    parents = [-1, 0, 0, 1, 1, 2, 3]
+    tokens = [5, 6, 7, 8, 9, 10, 11]
+    kept = [True] * 6 + [False]
+    choice = [6, 9, 1, 11, 2, 3, None]
+    path = accept_longest_path(parents, tokens, kept, choice)
+    assert path == [0, 1, 4]
+    fates = node_fates(parents, kept, path)
+    assert fates == [Fate.ACCEPTED, Fate.ACCEPTED, Fate.REJECTED, Fate.REJECTED, Fate.ACCEPTED, Fate.UNVERIFIED, Fate.PRUNED]
+
+
+def test_random_trees_are_valid():
+    rng = random.Random(0)
+    for _ in range(50):
+        depth = rng.randrange(1, 5)
+        probs = [sorted((rng.random() for _ in range(5)), reverse=True) for _ in range(depth)]
+        tokens = [[rng.randrange(100) for _ in range(5)] for _ in range(depth)]
+        top_k = tuple(rng.randrange(1, 6) for _ in range(depth))
+        tree = build_tree(1, probs, tokens, top_k, rng.randrange(1, 40))
+        for i, node in enumerate(tree.nodes[1:], 1):
+            assert 0 <= node.parent < i and node.rank < top_k[node.depth - 1]
+            assert node.path_prob <= tree.nodes[node.parent].path_prob

@@ -9,7 +9,7 @@ function works on a batch of rows `(B, R, d)` whose keys and values come from a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Protocol
 
 import torch
@@ -81,6 +81,13 @@ class LlamaWeights:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    def cast(self, dtype: torch.dtype) -> LlamaWeights:
+        """A copy in another dtype (the rotary frequencies stay float32)."""
+        layers = [LayerWeights(*(getattr(layer, f.name).to(dtype) for f in fields(LayerWeights))) for layer in self.layers]
+        embed = self.embed.to(dtype)
+        lm_head = embed if self.lm_head is self.embed else self.lm_head.to(dtype)
+        return LlamaWeights(self.shape, embed, layers, self.final_norm.to(dtype), lm_head, self.inv_freq, self.rope_scale)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], config, device, dtype) -> LlamaWeights:

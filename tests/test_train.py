@@ -1,0 +1,88 @@
+"""Training on the tiny model: the loss falls, lossless training leaves the base untouched,
+resuming equals an unbroken run, and bad inputs give clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specstream import train
+from specstream.decoding import DecodeSettings, plain_decode
+from specstream.engine import build_model
+from specstream.loading import load_base_model
+from specstream.selfdistill import Sample
+
+
+def write_samples(folder, count=24, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(count):
+        prompt = [3] + torch.randint(6, 24, (4,), generator=rng).tolist() + [4]
+        # Replies that follow a simple rule, so the streams have something learnable.
+        start = int(torch.randint(6, 24, (1,), generator=rng))
+        reply = [6 + (start - 6 + k) % 18 for k in range(20)] + [2]
+        lines.append(json.dumps(Sample("p", tuple(prompt), tuple(reply)).__dict__))
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def argv(tiny_dir, data, out, *extra):
+    return ["--out", str(out), "--model", str(tiny_dir), "--data-dir", str(data), "--gamma", "2", "--stream-layers", "2",
+            "--lora-rank", "4", "--batch-size", "4", "--device", "cpu", "--lr", "0.01", *extra]
+
+
+def test_loss_falls_and_base_is_untouched(tiny_dir, tmp_path):
+    data = write_samples(tmp_path / "data")
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    base = load_base_model(str(tiny_dir), device="cpu")
+    prompt = [3, 7, 8, 4]
+    greedy_before = [t for r in plain_decode(build_model(base, None), prompt, DecodeSettings(max_new_tokens=12)) for t in r.emitted_tokens]
+    weights_before = [w.clone() for w in (base.weights.embed, base.weights.layers[-1].qkv, base.weights.final_norm)]
+    first = train.main(argv(tiny_dir, data, tmp_path / "one", "--epochs", "1", "--stop-after", "1"))
+    result = train.main(argv(tiny_dir, data, tmp_path / "a", "--epochs", "8"))
+    assert result["last_batch"]["loss"] < first["last_batch"]["loss"] * 0.7
+    assert result["eval"]["stream1_loss"] < first["eval"]["stream1_loss"] * 0.8
+    after = load_file(str(tiny_dir / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, (base.weights.embed, base.weights.layers[-1].qkv, base.weights.final_norm)))
+    model = build_model(base, tmp_path / "a")
+    greedy_after = [t for r in plain_decode(model, prompt, DecodeSettings(max_new_tokens=12)) for t in r.emitted_tokens]
+    assert greedy_after == greedy_before
+    assert json.loads((tmp_path / "a" / "training_metrics.json").read_text())["steps"] == result["steps"]
+
+
+def test_resume_equals_unbroken_run(tiny_dir, tmp_path):
+    data = write_samples(tmp_path / "data")
+    train.main(argv(tiny_dir, data, tmp_path / "whole", "--epochs", "2"))
+    train.main(argv(tiny_dir, data, tmp_path / "split", "--epochs", "2", "--checkpoint-every", "3", "--stop-after", "3"))
+    train.main(argv(tiny_dir, data, tmp_path / "split", "--epochs", "2", "--checkpoint-every", "3", "--resume"))
+    whole = load_file(str(tmp_path / "whole" / "adapter.safetensors"))
+    split = load_file(str(tmp_path / "split" / "adapter.safetensors"))
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+def test_shared_mode_says_so(tiny_dir, tmp_path):
+    data = write_samples(tmp_path / "data")
+    result = train.main(argv(tiny_dir, data, tmp_path / "shared", "--mode", "shared", "--epochs", "1"))
+    assert "main_loss" in result["last_batch"]
+    assert json.loads((tmp_path / "shared" / "adapter.json").read_text())["mode"] == "shared"
+
+
+def test_bad_inputs(tiny_dir, tmp_path):
+    data = write_samples(tmp_path / "data")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(SystemExit, match="cannot write to"):
+        train.main(argv(tiny_dir, data, blocked / "out"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "samples.jsonl").write_text("{broken\n")
+    with pytest.raises(SystemExit, match="not a valid sample line"):
+        train.main(argv(tiny_dir, bad, tmp_path / "o"))
+    with pytest.raises(SystemExit, match="benchmark data"):
+        train.main(argv(tiny_dir, data, tmp_path / "o", "--prompt-file", "../shared/data/spec_bench/question.jsonl"))
+    with pytest.raises(SystemExit, match="prompt file .* does not exist"):
+        train.main(argv(tiny_dir, data, tmp_path / "o", "--prompt-file", str(tmp_path / "none.txt")))

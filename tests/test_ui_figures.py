@@ -1,0 +1,132 @@
+"""The app's figures, highlighting and texts as pure functions of step records, on the tiny model."""
+
+import dataclasses
+import html
+import re
+
+import gradio as gr
+import pytest
+
+from specstream.decoding import DecodeSettings
+from specstream.streams import SpeculativeModel, stream_attention_mask
+from specstream.tree import Fate, tree_attention_mask
+from specstream.ui import figures, views
+from specstream.ui.handlers import make_settings
+from specstream.ui.highlight import plain_html, specstream_html, token_roles
+from specstream.ui.race import race
+
+from .conftest import random_adapter
+
+SETTINGS = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=40, prune_threshold=0.03, stop_at_eos=False)
+
+
+@pytest.fixture(scope="module")
+def trace(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 7))
+    ids = tiny_base.chat_prompt("w3 w4 w5")
+    *_, last = race(model, "w3 w4 w5", ids, SETTINGS, tiny_base.token_text)
+    return last
+
+
+def test_race_is_complete_and_lossless(trace):
+    assert trace.finished and trace.plain.tokens == trace.specstream.tokens
+    assert len(trace.plain.tokens) == SETTINGS.max_new_tokens
+    assert trace.plain.clock == pytest.approx(sum(r.seconds for r in trace.plain.records))
+    assert trace.specstream.stats().forward_passes < trace.plain.stats().forward_passes
+    assert trace.divergence() is None and "Identical replies (40 tokens)" in views.verdict_markdown(trace)
+
+
+def test_divergence_is_found_from_token_ids(trace):
+    records = list(trace.specstream.records)
+    changed = dataclasses.replace(records[2], emitted_tokens=(999,) + records[2].emitted_tokens[1:],
+                                  emitted_texts=("XX",) + records[2].emitted_texts[1:])
+    records[2] = changed
+    bad = dataclasses.replace(trace, specstream=dataclasses.replace(trace.specstream, records=records))
+    position = sum(len(r.emitted_tokens) for r in records[:2])
+    assert bad.divergence().position == position and bad.divergence().specstream_text == "XX"
+    assert f"differ from token {position + 1}" in views.verdict_markdown(bad)
+
+
+def test_tree_figure_shows_every_node_by_fate(trace):
+    record = next(r for r in trace.steps() if r.accepted_length and any(n.fate is Fate.PRUNED for n in r.nodes))
+    fig = figures.tree_figure(record)
+    markers = {t.name: t for t in fig.data if t.mode == "markers+text"}
+    for fate in Fate:
+        expected = [n for n in record.nodes if n.fate is fate]
+        assert len(markers[fate.value].x) == len(expected)
+        assert markers[fate.value].marker.color == figures.FATE_COLOURS[fate]
+    path = next(t for t in fig.data if t.name == "accepted path")
+    assert len([x for x in path.x if x is not None]) == 2 * record.accepted_length
+    node = record.nodes[record.accepted_path[1]]
+    hover = " ".join(markers["accepted"].hovertext)
+    assert f"draft p={node.draft_prob:.3f}" in hover and f"stream {node.stream}" in hover
+    assert "pruning score" in hover and "main stream's choice here" in hover
+
+
+def test_tree_positions_centre_parents_on_children(trace):
+    record = trace.steps()[1]
+    positions = figures.tree_positions(record.nodes)
+    for node in record.nodes:
+        assert positions[node.index][0] == node.depth
+        kids = [n.index for n in record.nodes if n.parent == node.index]
+        if kids:
+            assert positions[node.index][1] == pytest.approx(sum(positions[k][1] for k in kids) / len(kids))
+
+
+def test_race_figure_follows_each_clock(trace):
+    fig = figures.race_figure(trace)
+    for line, side in zip(fig.data, (trace.plain, trace.specstream)):
+        assert line.name == side.method
+        assert line.y[-1] == len(side.tokens) and line.x[-1] == pytest.approx(side.clock)
+
+
+def test_acceptance_and_step_charts(trace):
+    steps = trace.steps()[1:]
+    depth_one = sum(r.accepted_length >= 1 for r in steps) / len(steps)
+    assert figures.acceptance_by_depth_figure(trace).data[0].y[0] == pytest.approx(depth_one)
+    assert list(figures.accepted_per_step_figure(trace).data[0].y) == [r.accepted_length for r in steps]
+    times = figures.pass_time_figure(trace).data
+    assert len(times[0].y) == len(trace.plain.records) - 1 and len(times[1].y) == len(steps)
+
+
+def test_attention_mask_figure_is_the_pass_mask(trace):
+    record = next(r for r in trace.steps() if any(n.fate is Fate.PRUNED for n in r.nodes))
+    kept = [n for n in record.nodes if n.fate is not Fate.PRUNED]
+    row = {n.index: i for i, n in enumerate(kept)}
+    expected = stream_attention_mask(tree_attention_mask([row.get(n.parent, -1) for n in kept]),
+                                     list(range(len(kept))), trace.depth)
+    z = figures.attention_mask_figure(record, trace.depth).data[0].z
+    assert len(z) == len(kept) * (1 + trace.depth)
+    assert [[bool(v) for v in line] for line in z] == expected.tolist()
+
+
+def test_highlight_bands_come_from_token_ids(trace):
+    steps = trace.steps()
+    page = specstream_html(steps, selected_step=3)
+    spans = re.findall(r'<span class="([^"]*)" data-step="(\d+)" title="([^"]*)"[^>]*>([^<]*)</span>', page)
+    assert [int(s) for _, s, _, _ in spans] == [r.step for r in steps for _ in r.emitted_tokens]
+    assert "".join(html.unescape(text) for *_, text in spans) == "".join(trace.specstream.texts)
+    assert sum("ss-bonus" in c for c, *_ in spans) == len(steps) - 1  # every tree pass ends with its bonus
+    assert {int(s) for c, s, _, _ in spans if "ss-selected" in c} == {3}
+    record = next(r for r in steps if r.accepted_length)
+    prob = token_roles(record)[0][1]
+    assert prob == record.nodes[record.accepted_path[1]].draft_prob
+    assert any(f"step {record.step} " in html.unescape(t) and f"p={prob:.2f}" in t for _, _, t, _ in spans)
+    assert "&lt;|" in page or "<|" not in "".join(trace.specstream.texts)  # token text is escaped
+    assert html.unescape(re.sub("<[^>]+>", "", plain_html(trace.plain.records))) == "".join(trace.plain.texts)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ((64, 3, "4, x", 24, 0.0), "whole numbers"),
+        ((64, 3, "", 24, 0.0), "at least one"),
+        ((10_000, 3, "4", 24, 0.0), "at most 512"),
+        ((64, 3, "4", 0, 0.0), "node budget"),
+        ((64, 3, "4", 24, 1.5), "pruning threshold"),
+        ((64, "three", "4", 24, 0.0), "must be a number"),
+    ],
+)
+def test_absurd_settings_are_sentences(values, message):
+    with pytest.raises(gr.Error, match=message):
+        make_settings(*values)

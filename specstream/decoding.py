@@ -15,7 +15,8 @@ import torch
 
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
-from .tree import DraftTree, Fate, accept_longest_path, build_tree, node_fates, prune_by_score, tree_attention_mask
+from .lookup import lookup_continuation
+from .tree import DraftTree, Fate, accept_longest_path, build_tree, graft_chain, node_fates, prune_by_score, tree_attention_mask
 
 TokenText = Callable[[int], str]
 MAX_NODE_BUDGET = 256  # beyond this a pass costs more than it can win on any device we target
@@ -32,6 +33,8 @@ class DecodeSettings:
     node_budget: int = 24  # drafted nodes plus the root; keeps a CPU pass near the cost of a few tokens
     prune_threshold: float = 0.0  # drop subtrees whose early-exit transition probability is below this; 0 = off
     gamma: int | None = None  # tree depth; None = every stream of the adapter
+    lookup_tokens: int = 0  # a branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off
+    lookup_ngram: int = 3  # longest n-gram matched for prompt lookup, as in transformers' prompt lookup
     stop_at_eos: bool = True
 
     def validate(self, model: SpeculativeModel | None = None) -> DecodeSettings:
@@ -42,6 +45,8 @@ class DecodeSettings:
             problems.append(f"top-k per depth must be 1 to 64 at every depth, not {list(self.top_k)}")
         if not 1 <= self.node_budget <= MAX_NODE_BUDGET:
             problems.append(f"node budget must be 1 to {MAX_NODE_BUDGET}, not {self.node_budget}")
+        if not 0 <= self.lookup_tokens <= 16 or not 1 <= self.lookup_ngram <= 8:
+            problems.append("prompt lookup takes 0 to 16 tokens and n-grams of 1 to 8 tokens")
         if not 0.0 <= self.prune_threshold < 1.0:
             problems.append(f"pruning threshold must be at least 0 and below 1, not {self.prune_threshold}")
         streams = model.gamma if model else 8
@@ -141,7 +146,7 @@ def plain_decode(
         run.passes += 1
         _sync(device)
         seconds = time.perf_counter() - started
-        root = (NodeRecord(0, token, token_text(token), -1, 0, 0, 1.0, 0, None, Fate.ACCEPTED, None, None),)
+        root = (NodeRecord(0, token, token_text(token), -1, 0, 0, 1.0, 0, None, Fate.ACCEPTED, None, None, "root"),)
         yield _record("plain", run, step, seconds, emitted, reason, token_text, nodes=root if step else (), path=(0,) if step else ())
         if reason:
             return
@@ -153,12 +158,16 @@ def plain_decode(
         token = int(model.logits(out.main_hidden[0]).argmax())
 
 
-def _next_draft(model, stream_hidden: torch.Tensor, root: int, settings: DecodeSettings, depth: int) -> DraftTree:
-    """stream_hidden (gamma, d) of one node -> the best tree of top-k tokens per depth."""
+def _next_draft(model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int) -> DraftTree:
+    """stream_hidden (gamma, d) of the deepest accepted node -> the best tree of top-k tokens per
+    depth below the last token of `context`, plus a prompt-lookup branch."""
     widest = max(settings.top_k[:depth])
     probs = torch.softmax(model.logits(stream_hidden[:depth]).float(), dim=-1)
     top_probs, top_tokens = probs.topk(widest, dim=-1)
-    return build_tree(root, top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], settings.node_budget)
+    tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], settings.node_budget)
+    if settings.lookup_tokens:
+        tree = graft_chain(tree, lookup_continuation(context, settings.lookup_ngram, settings.lookup_tokens))
+    return tree
 
 
 def specstream_decode(
@@ -168,12 +177,12 @@ def specstream_decode(
     if model.adapter is None:
         raise ValueError("Speculative Streaming needs a stream adapter")
     depth = settings.validate(model).depth(model)
-    scratch = settings.node_budget * (1 + depth) + depth + 1
+    scratch = (settings.node_budget + settings.lookup_tokens) * (1 + depth) + depth + 1
     cache, run = _start(model, prompt_ids, settings, scratch_rows=scratch)
     device = model.weights.device
     started = time.perf_counter()
     first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
-    tree = _next_draft(model, out.stream_hidden[0], first, settings, depth)
+    tree = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth)
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -187,7 +196,7 @@ def specstream_decode(
         run.passes += 1
         tree_done = tree
         if not reason:
-            tree = _next_draft(model, pass_result.stream_hidden, pass_result.candidates[-1], settings, depth)
+            tree = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth)
         _sync(device)
         seconds = time.perf_counter() - started
         nodes = _node_records(tree_done, pass_result, token_text)
@@ -252,13 +261,14 @@ def _node_records(tree: DraftTree, result: _TreePass, token_text: TokenText) -> 
                 text=token_text(node.token),
                 parent=node.parent,
                 depth=node.depth,
-                stream=node.depth,
+                stream=node.depth if node.source == "stream" else 0,
                 draft_prob=node.draft_prob,
                 rank=node.rank,
                 prune_score=None if result.scores is None else result.scores[i],
                 fate=fates[i],
                 main_choice=choice,
                 main_choice_text=None if choice is None else token_text(choice),
+                source=node.source,
             )
         )
     return records

@@ -22,6 +22,7 @@ class NodeRecord:
     fate: Fate
     main_choice: int | None  # the main stream's greedy token at this node; None if it never got there
     main_choice_text: str | None
+    source: str = "stream"  # "root", "stream" (proposed by stream `stream`) or "lookup" (copied from earlier text)
 
 
 @dataclass(frozen=True)

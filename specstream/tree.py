@@ -29,6 +29,7 @@ class DraftNode:
     draft_prob: float  # the proposing stream's probability of this token; 1 for the root
     rank: int  # 0 for the stream's top choice
     path_prob: float  # product of draft probabilities from the root
+    source: str = "stream"  # "root", "stream", or "lookup" (copied from earlier text)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,20 @@ class DraftTree:
 
 
 def root_only(token: int) -> DraftTree:
-    return DraftTree((DraftNode(token, -1, 0, 1.0, 0, 1.0),))
+    return DraftTree((DraftNode(token, -1, 0, 1.0, 0, 1.0, "root"),))
+
+
+def graft_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
+    """Add a chain of tokens below the root, sharing any prefix the tree already holds."""
+    nodes = list(tree.nodes)
+    current = 0
+    for token in chain:
+        child = next((i for i, n in enumerate(nodes) if n.parent == current and n.token == token), None)
+        if child is None:
+            nodes.append(DraftNode(token, current, nodes[current].depth + 1, 0.0, 0, 0.0, "lookup"))
+            child = len(nodes) - 1
+        current = child
+    return DraftTree(tuple(nodes))
 
 
 def build_tree(
@@ -68,7 +82,7 @@ def build_tree(
     takes its first `top_k[d]`. A child's path probability never exceeds its parent's, so a
     best-first expansion yields a valid tree: every chosen node's parent was chosen before it.
     """
-    nodes = [DraftNode(root_token, -1, 0, 1.0, 0, 1.0)]
+    nodes = [DraftNode(root_token, -1, 0, 1.0, 0, 1.0, "root")]
     depth_limit = min(len(top_k), len(stream_probs))
     frontier: list[tuple[float, int, int, int]] = []  # (-path_prob, order, parent, rank)
     order = 0

@@ -30,7 +30,7 @@ def test_specstream_equals_plain_for_random_adapters(tiny_base, seed):
     prompt = [rng.randrange(3, 24) for _ in range(rng.randrange(1, 10))]
     settings = DecodeSettings(
         max_new_tokens=rng.randrange(1, 50), top_k=(6, 4, 3), node_budget=rng.choice([1, 5, 60]),
-        prune_threshold=rng.choice([0.0, 0.05]), stop_at_eos=False,
+        prune_threshold=rng.choice([0.0, 0.05]), lookup_tokens=rng.choice([0, 5]), stop_at_eos=False,
     )
     plain, spec = decode_both(model, prompt, settings)
     assert tokens_of(spec) == tokens_of(plain)
@@ -135,3 +135,16 @@ def test_pruning_marks_pruned_nodes(tiny_base):
     pruned = [n for r in spec[1:] for n in r.nodes if n.fate is Fate.PRUNED]
     assert pruned and all(n.prune_score is not None for n in pruned)
     assert all(n.prune_score < 0.2 or r.nodes[n.parent].fate is Fate.PRUNED for r in spec[1:] for n in r.nodes if n.fate is Fate.PRUNED)
+
+
+def test_prompt_lookup_branch_is_verified_losslessly(tiny_base):
+    """A prompt that holds the model's own earlier reply: the lookup branch proposes its
+    continuation, and the tokens the model repeats are accepted from that branch."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 2))
+    free = tokens_of(plain_decode(model, [5, 6, 7], DecodeSettings(max_new_tokens=30, stop_at_eos=False)))
+    prompt = [5, 6, 7] + free[:20] + [5, 6, 7]  # the greedy reply to [5, 6, 7] is in the prompt
+    settings = DecodeSettings(max_new_tokens=20, top_k=(1,), node_budget=2, lookup_tokens=8, stop_at_eos=False)
+    plain, spec = decode_both(model, prompt, settings)
+    assert tokens_of(spec) == tokens_of(plain)
+    lookup_accepted = [n for r in spec[1:] for n in r.nodes if n.source == "lookup" and n.fate is Fate.ACCEPTED]
+    assert lookup_accepted

@@ -4,7 +4,8 @@ import random
 
 import torch
 
-from specstream.tree import Fate, accept_longest_path, build_tree, node_fates, prune_by_score, tree_attention_mask
+from specstream.lookup import lookup_continuation
+from specstream.tree import Fate, accept_longest_path, build_tree, graft_chain, node_fates, prune_by_score, tree_attention_mask
 
 
 def test_build_tree_respects_budget_and_top_k():
@@ -62,3 +63,19 @@ def test_random_trees_are_valid():
         for i, node in enumerate(tree.nodes[1:], 1):
             assert 0 <= node.parent < i and node.rank < top_k[node.depth - 1]
             assert node.path_prob <= tree.nodes[node.parent].path_prob
+
+
+def test_lookup_continuation_prefers_longest_latest_match():
+    context = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup_continuation(context, max_ngram=3, length=2) == [7, 8]  # "2 3" last seen before 7 8
+    assert lookup_continuation([1, 2, 3], max_ngram=3, length=4) == []
+    assert lookup_continuation([4, 5, 4], max_ngram=2, length=3) == [5, 4]
+
+
+def test_graft_chain_shares_existing_prefix():
+    tree = build_tree(7, [[0.9, 0.1]], [[10, 11]], top_k=(2,), node_budget=10)
+    grafted = graft_chain(tree, [10, 12, 13])
+    assert len(grafted) == len(tree) + 2
+    new = grafted.nodes[len(tree):]
+    assert [n.source for n in new] == ["lookup", "lookup"]
+    assert grafted.nodes[new[0].parent].token == 10 and new[1].depth == 3

@@ -1,0 +1,21 @@
+"""Prompt lookup: drafts copied from earlier text. When the last few tokens already occurred in
+the prompt or the reply, the tokens that followed them there are a cheap guess of what comes next
+(summaries, quotes and code edits repeat their sources). These drafts join the stream tree and
+are verified in the same pass."""
+
+from __future__ import annotations
+
+
+def lookup_continuation(context: list[int], max_ngram: int, length: int) -> list[int]:
+    """The `length` tokens that followed the latest earlier occurrence of the context's last
+    n-gram, trying the longest n first; [] when none recurs."""
+    if length <= 0:
+        return []
+    size = len(context)
+    for n in range(min(max_ngram, size - 1), 0, -1):
+        suffix = context[size - n :]
+        first = suffix[0]
+        for start in range(size - n - 1, -1, -1):
+            if context[start] == first and context[start : start + n] == suffix:
+                return context[start + n : start + n + length]
+    return []

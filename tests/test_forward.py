@@ -75,3 +75,11 @@ def test_tree_pass_equals_each_path_alone(tiny_base, seed):
             alone = [tree.tokens[i] for i in path_to(tree, node)]
             _, logits = _prefill(model, prompt + alone)
             torch.testing.assert_close(tree_logits[node], logits[-1], atol=1e-9, rtol=1e-9)
+
+
+def test_pass_costs_are_measured_per_tree_size(tiny_base):
+    from specstream.costs import pass_seconds
+
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 0))
+    costs = pass_seconds(model, [1, 4, 16], prompt_length=20, repeats=2)
+    assert set(costs) == {1, 4, 16} and all(seconds > 0 for seconds in costs.values())

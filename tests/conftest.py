@@ -20,7 +20,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_checkpoint(folder: Path, *, seed: int = 0, model_type: str = "llama", vocab: int = TINY_VOCAB) -> Path:
+def make_tiny_checkpoint(
+    folder: Path, *, seed: int = 0, model_type: str = "llama", vocab: int = TINY_VOCAB, rope: dict | None = None
+) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -38,6 +40,7 @@ def make_tiny_checkpoint(folder: Path, *, seed: int = 0, model_type: str = "llam
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, initializer_range=0.2,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

@@ -30,6 +30,23 @@ def test_logits_match_transformers(tiny_dir):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_SCALING, {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}])
+def test_rotary_scaling_matches_transformers(tmp_path, rope):
+    from .conftest import make_tiny_checkpoint
+
+    base = load_base_model(str(make_tiny_checkpoint(tmp_path / "scaled", rope=rope)), device="cpu", dtype="float32")
+    reference = load_reference_model(base)
+    tokens = list(range(3, 24)) * 3  # past the original context of 32, where scaling matters
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens])).logits[0]
+        _, ours = _prefill(SpeculativeModel(base.weights, None), tokens)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_cached_step_matches_transformers(tiny_dir):
     base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
     reference = load_reference_model(base)

@@ -102,7 +102,7 @@ def train(args: argparse.Namespace) -> dict:
     samples = build_dataset(base, args.data_dir, count=args.samples, prompt_files=tuple(args.prompt_file),
                             max_new_tokens=args.reply_tokens, seed=settings.seed, batch_size=args.generation_batch,
                             dtype=getattr(torch, args.generation_dtype))
-    sequences = to_sequences(samples, settings.max_length)
+    sequences = to_sequences(samples, settings.max_length)[: args.limit_sequences or None]
     held_out = max(1, int(len(sequences) * settings.eval_fraction))
     train_part = sequences[held_out:][accelerator.process_index :: accelerator.num_processes]
     store = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
@@ -175,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation-batch", type=int, default=48, help="batch size of data generation")
     p.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 halves data generation time on CPUs with bf16 matmuls")
+    p.add_argument("--limit-sequences", type=int, default=0, help="train on the first N sequences only (ablations)")
     p.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--lr", type=float, default=TrainSettings.learning_rate)

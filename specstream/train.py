@@ -102,7 +102,9 @@ def train(args: argparse.Namespace) -> dict:
     samples = build_dataset(base, args.data_dir, count=args.samples, prompt_files=tuple(args.prompt_file),
                             max_new_tokens=args.reply_tokens, seed=settings.seed, batch_size=args.generation_batch,
                             dtype=getattr(torch, args.generation_dtype))
-    sequences = to_sequences(samples, settings.max_length)[: args.limit_sequences or None]
+    sequences = to_sequences(samples, settings.max_length)
+    random.Random(settings.seed).shuffle(sequences)  # the data file is sorted by prompt length
+    sequences = sequences[: args.limit_sequences or None]
     held_out = max(1, int(len(sequences) * settings.eval_fraction))
     train_part = sequences[held_out:][accelerator.process_index :: accelerator.num_processes]
     store = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32

@@ -39,3 +39,10 @@ def test_compare_returns_the_race(client, tiny_dir):
 def test_compare_bad_input_is_a_sentence(client, prompt, max_new_tokens, message):
     with pytest.raises(Exception, match=message):
         client.predict(prompt, max_new_tokens, api_name="/compare")
+
+
+def test_two_visitors_at_once_both_get_their_own_reply(client):
+    jobs = [client.submit(prompt, 12, api_name="/compare") for prompt in ("w3 w4", "w9 w10 w11")]
+    first, second = (job.result(timeout=120) for job in jobs)
+    assert first["prompt"] == "w3 w4" and second["prompt"] == "w9 w10 w11"
+    assert first["plain_text"] == first["specstream_text"] and second["plain_text"] == second["specstream_text"]

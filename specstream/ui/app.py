@@ -41,6 +41,9 @@ CSS = """
 .ss-selected { outline: 2px solid #f59e0b; }
 .ss-empty { color: var(--body-text-color-subdued); }
 #ss-clicked-step { display: none; }
+/* A tree needs room for its token labels: on a phone it scrolls sideways rather than overlap. */
+#ss-tree { overflow-x: auto; }
+#ss-tree .js-plotly-plot { min-width: 640px; }
 """
 # A click on a token of the coloured reply selects its step in the replay, through a hidden textbox.
 HEAD = """<script>
@@ -90,15 +93,21 @@ def _race_columns(ui: SimpleNamespace) -> None:
 
 
 def _replay(ui: SimpleNamespace) -> None:
-    gr.Markdown("## Replay: the drafted tree of every step")
     with gr.Row():
-        ui.previous = gr.Button("◀ Previous", size="sm", min_width=90)
-        ui.play = gr.Button("▶ Play", size="sm", min_width=90)
-        ui.next = gr.Button("Next ▶", size="sm", min_width=90)
-    ui.step = gr.Slider(0, 1, value=0, step=1, label="Step (forward pass) of the last run")
-    ui.clicked_step = gr.Textbox(elem_id="ss-clicked-step", show_label=False, container=False)
-    ui.step_text = gr.Markdown(views.step_markdown(None, 0))
-    ui.tree = gr.Plot(figures.tree_figure(None), label="Drafted tree")
+        with gr.Column(scale=1, min_width=300):
+            gr.Markdown("### Replay: the drafted tree of every step")
+            with gr.Row():
+                ui.previous = gr.Button("◀ Previous", size="sm", min_width=80)
+                ui.play = gr.Button("▶ Play", size="sm", min_width=80)
+                ui.next = gr.Button("Next ▶", size="sm", min_width=80)
+            ui.step = gr.Slider(0, 1, value=0, step=1, label="Step (forward pass) of the last run")
+            ui.clicked_step = gr.Textbox(elem_id="ss-clicked-step", show_label=False, container=False)
+            ui.step_text = gr.Markdown(views.step_markdown(None, 0))
+            gr.Markdown("Green: accepted (bold: the accepted path) · red: rejected by the main stream · "
+                        "grey: pruned early · pale: never verified. Hover a node for its stream, draft "
+                        "probability, rank, pruning score and the main stream's own choice.", elem_classes="ss-note")
+        with gr.Column(scale=2, min_width=340):
+            ui.tree = gr.Plot(figures.tree_figure(None), show_label=False, elem_id="ss-tree")
     ui.timer = gr.Timer(PLAY_INTERVAL, active=False)
 
 
@@ -166,9 +175,9 @@ def _wire_loading(ui: SimpleNamespace, service: ModelService) -> None:
 
 def _live_outputs(ui, trace: Trace) -> dict:
     return {
-        ui.plain_stats: views.side_markdown(trace.plain, "Plain decoding"),
+        ui.plain_stats: views.side_markdown(trace.plain, "Plain decoding", trace.stopped),
         ui.plain_text: plain_html(trace.plain.records),
-        ui.spec_stats: views.side_markdown(trace.specstream, "Speculative Streaming"),
+        ui.spec_stats: views.side_markdown(trace.specstream, "Speculative Streaming", trace.stopped),
         ui.spec_text: specstream_html(trace.specstream.records),
         ui.verdict: views.verdict_markdown(trace),
     }

@@ -23,7 +23,10 @@ FONT = dict(family="system-ui, sans-serif", size=13)
 def _layout(fig: go.Figure, title: str, height: int = 320, **axes) -> go.Figure:
     fig.update_layout(
         title=dict(text=title, x=0.01, font=dict(size=14)), height=height, font=FONT, template="plotly_white",
-        margin=dict(l=48, r=12, t=44, b=40), legend=dict(orientation="h", y=-0.18), **axes,
+        margin=dict(l=48, r=12, t=44, b=40), legend=dict(orientation="h", y=-0.18),
+        # Zoom and pan fight page scrolling on a phone and the figures are small: keep only the download.
+        modebar=dict(remove=["zoom", "pan", "select", "lasso", "zoomIn", "zoomOut", "autoScale", "resetScale"]),
+        **axes,
     )
     return fig
 
@@ -59,6 +62,8 @@ def tree_positions(nodes: tuple[NodeRecord, ...]) -> dict[int, tuple[float, floa
 def _node_hover(node: NodeRecord) -> str:
     if node.parent < 0:
         head = f"<b>root</b> {visible(node.text)!s}<br>the last accepted token"
+    elif getattr(node, "source", "stream") == "lookup":
+        head = f"<b>{visible(node.text)}</b> · {node.fate.value}<br>copied from earlier text (prompt lookup)"
     else:
         head = (f"<b>{visible(node.text)}</b> · {node.fate.value}<br>stream {node.stream} · "
                 f"draft p={node.draft_prob:.3f} · rank {node.rank + 1}")
@@ -92,7 +97,7 @@ def tree_figure(record: StepRecord | None) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[positions[n.index][0] for n in nodes], y=[positions[n.index][1] for n in nodes],
             mode="markers+text", name=fate.value, text=[visible(n.text) for n in nodes],
-            textposition="middle right", textfont=dict(size=12),
+            textposition=["top center" if n.parent < 0 else "middle right" for n in nodes], textfont=dict(size=12),
             marker=dict(size=[20 if n.parent < 0 else 14 for n in nodes], color=colour,
                         line=dict(color="#374151", width=1)),
             hovertext=[_node_hover(n) for n in nodes], hoverinfo="text",
@@ -104,7 +109,7 @@ def tree_figure(record: StepRecord | None) -> go.Figure:
     fig.update_xaxes(tickvals=list(range(depth + 1)), ticktext=["root"] + [f"depth {d}" for d in range(1, depth + 1)],
                      range=[-0.3, depth + 0.9])
     fig.update_yaxes(visible=False)
-    return _layout(fig, title, height=max(300, min(900, 60 + 26 * rows)))
+    return _layout(fig, title, height=max(300, min(720, 80 + 20 * rows)))
 
 
 def accepted_per_step_figure(trace: Trace) -> go.Figure:
@@ -114,7 +119,7 @@ def accepted_per_step_figure(trace: Trace) -> go.Figure:
     fig = go.Figure(go.Bar(x=[r.step for r in steps], y=[r.accepted_length for r in steps],
                            marker_color=METHOD_COLOURS["specstream"], name="accepted drafted tokens",
                            hovertemplate="step %{x}: %{y} accepted<extra></extra>"))
-    return _layout(fig, "Accepted drafted tokens per step (each step also adds one bonus token)",
+    return _layout(fig, "Accepted drafts per step (plus one bonus token each)",
                    xaxis_title="step", yaxis_title="accepted", yaxis=dict(dtick=1))
 
 
@@ -129,7 +134,7 @@ def race_figure(trace: Trace) -> go.Figure:
             totals.append(record.total_tokens)
         fig.add_trace(go.Scatter(x=times, y=totals, mode="lines+markers", line_shape="hv", name=side.method,
                                  marker=dict(size=4), line=dict(color=METHOD_COLOURS[side.method])))
-    return _layout(fig, "The race: tokens against decoding time", xaxis_title="seconds", yaxis_title="tokens")
+    return _layout(fig, "The race: tokens vs decoding time", xaxis_title="seconds", yaxis_title="tokens")
 
 
 def acceptance_by_depth_figure(trace: Trace) -> go.Figure:
@@ -145,7 +150,7 @@ def acceptance_by_depth_figure(trace: Trace) -> go.Figure:
         rates.append(sum(r.accepted_length >= d for r in reached) / len(reached) if reached else 0.0)
     fig = go.Figure(go.Bar(x=depths, y=rates, marker_color="#16a34a",
                            hovertemplate="depth %{x}: %{y:.0%} of steps<extra></extra>"))
-    return _layout(fig, "Acceptance rate by tree depth", xaxis_title="depth", yaxis_title="accepted",
+    return _layout(fig, "Acceptance by tree depth", xaxis_title="depth", yaxis_title="accepted",
                    yaxis=dict(range=[0, 1], tickformat=".0%"), xaxis=dict(dtick=1))
 
 
@@ -155,13 +160,18 @@ def pass_time_figure(trace: Trace) -> go.Figure:
         steps = side.records[1:]  # the prefill pass would dwarf the rest
         fig.add_trace(go.Scatter(x=[r.step for r in steps], y=[r.seconds * 1000 for r in steps], mode="lines+markers",
                                  name=side.method, marker=dict(size=4), line=dict(color=METHOD_COLOURS[side.method])))
-    return _layout(fig, "Time per forward pass (prefill not shown)", xaxis_title="step", yaxis_title="ms")
+    return _layout(fig, "Time per forward pass (no prefill)", xaxis_title="step", yaxis_title="ms")
 
 
-def mask_labels(record: StepRecord, gamma: int) -> list[str]:
+def mask_labels(record: StepRecord, gamma: int, sparse: bool = False) -> list[str]:
+    """Row labels: each kept tree node, then its streams. `sparse` names a node's streams once,
+    on its first stream row, so a large mask stays legible."""
     kept = [n for n in record.nodes if n.fate is not Fate.PRUNED]
     main = [f"{visible(n.text)} (d{n.depth})" for n in kept]
-    streams = [f"S{j}·{visible(n.text)}" for n in kept for j in range(1, gamma + 1)]
+    if sparse:
+        streams = [f"S1–{gamma} of {visible(n.text)}" if j == 1 else "" for n in kept for j in range(1, gamma + 1)]
+    else:
+        streams = [f"S{j}·{visible(n.text)}" for n in kept for j in range(1, gamma + 1)]
     return main + streams
 
 
@@ -175,17 +185,22 @@ def attention_mask_figure(record: StepRecord | None, gamma: int) -> go.Figure:
     row_of = {n.index: row for row, n in enumerate(kept)}
     parents = [row_of.get(n.parent, -1) for n in kept]
     mask = stream_attention_mask(tree_attention_mask(parents), list(range(len(kept))), gamma).tolist()
-    labels = mask_labels(record, gamma)
+    full_labels = mask_labels(record, gamma)
+    labels = mask_labels(record, gamma, sparse=len(full_labels) > 40)
     # 1 = a tree row sees it, 2 = a stream row sees it: two colours so the two kinds read apart.
     values = [[(1 if i < len(kept) else 2) * int(v) for v in row] for i, row in enumerate(mask)]
-    hover = [[f"{labels[i]} {'sees' if v else 'does not see'} {labels[j]}" for j, v in enumerate(row)]
+    hover = [[f"{full_labels[i]} {'sees' if v else 'does not see'} {full_labels[j]}" for j, v in enumerate(row)]
              for i, row in enumerate(mask)]
     colours = [[0, "#ffffff"], [0.33, "#ffffff"], [0.34, "#2563eb"], [0.66, "#2563eb"], [0.67, "#16a34a"], [1, "#16a34a"]]
     size = len(labels)
     fig = go.Figure(go.Heatmap(z=values, colorscale=colours, zmin=0, zmax=2, showscale=False, xgap=1, ygap=1,
                                text=hover, hoverinfo="text"))
-    ticks = dict(tickvals=list(range(size)), ticktext=labels, tickfont=dict(size=9))
-    fig.update_yaxes(autorange="reversed", **ticks)
-    fig.update_xaxes(side="top", tickangle=-60, **ticks)
+    # Rows are labelled; columns are the same slots in the same order, so one label set suffices.
+    fig.update_yaxes(autorange="reversed", tickvals=list(range(size)), ticktext=labels, tickfont=dict(size=9),
+                     showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, title_text="attended slot (same order as the rows)", scaleanchor="y",
+                     constrain="domain", showgrid=False, zeroline=False)
+    fig.add_hline(y=len(kept) - 0.5, line=dict(color="#374151", width=1, dash="dot"))
+    fig.add_vline(x=len(kept) - 0.5, line=dict(color="#374151", width=1, dash="dot"))
     return _layout(fig, f"Attention mask of step {record.step}: tree rows (blue), stream rows (green)",
-                   height=max(360, min(900, 160 + 11 * size)))
+                   height=max(380, min(1100, 120 + 10 * size)))

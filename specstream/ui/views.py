@@ -20,7 +20,8 @@ def model_markdown(info: dict) -> str:
     mode = ("**lossless**: the base weights are untouched, so both columns must show the same text"
             if info["adapter_mode"] == "lossless" else
             "**shared**: the base model was fine-tuned with the streams, so replies may differ from the base model's")
-    text = (f"**Model:** {info['model']} ({info['weights']}) · **device:** {info['device']} · "
+    weights = info["weights"] if info["weights"].startswith(info["model"]) else f"{info['model']} ({info['weights']})"
+    text = (f"**Model:** {weights} · **device:** {info['device']} · "
             f"**dtype:** {info['dtype']}  \n**Stream adapter:** {info['gamma']} streams in the top "
             f"{info['stream_layers']} layers, {mode}.")
     if info["adapter_note"]:
@@ -28,11 +29,11 @@ def model_markdown(info: dict) -> str:
     return text
 
 
-def side_markdown(side: Side, title: str) -> str:
+def side_markdown(side: Side, title: str, stopped: bool = False) -> str:
     stats = side.stats()
     if not stats.forward_passes:
         return f"**{title}**  \nwaiting…"
-    state = "" if side.done else " · running"
+    state = "" if side.done else (" · stopped" if stopped else " · running")
     return (f"**{title}**{state}  \n{stats.tokens} tokens · **{stats.tokens_per_second:.1f} tokens/s** · "
             f"{stats.tokens_per_pass:.2f} tokens/pass · {stats.seconds:.2f} s")
 

@@ -35,7 +35,7 @@ def step_label(page) -> int:
 
 def test_race_replay_and_tree_in_a_browser(page):
     page.get_by_text("Model:").wait_for()  # the model finished loading in the background
-    page.get_by_label("Prompt").fill("w3 w4 w5 w6")
+    page.get_by_label("Prompt", exact=True).fill("w3 w4 w5 w6")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Run finished").wait_for()
     plain = page.locator(".ss-reply").nth(0).inner_text()

@@ -130,3 +130,15 @@ def test_highlight_bands_come_from_token_ids(trace):
 def test_absurd_settings_are_sentences(values, message):
     with pytest.raises(gr.Error, match=message):
         make_settings(*values)
+
+
+def test_prompt_lookup_nodes_are_marked(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    prompt = "w3 w4 w5 w6 w3 w4 w5 w6 w3 w4"
+    settings = DecodeSettings(max_new_tokens=20, lookup_tokens=4, stop_at_eos=False)
+    *_, trace = race(model, prompt, tiny_base.chat_prompt(prompt), settings, tiny_base.token_text)
+    record = next(r for r in trace.steps() if any(n.source == "lookup" for n in r.nodes))
+    fig = figures.tree_figure(record)
+    lookups = sum(symbol == "diamond" for t in fig.data if t.mode == "markers+text" for symbol in t.marker.symbol)
+    assert lookups == sum(n.source == "lookup" for n in record.nodes)
+    assert any("prompt lookup" in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)

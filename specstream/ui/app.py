@@ -74,6 +74,8 @@ def _inputs() -> SimpleNamespace:
             ui.node_budget = gr.Slider(1, 256, value=24, step=1, label="Node budget (tree size, root included)")
             ui.prune_threshold = gr.Slider(0.0, 0.99, value=0.0, step=0.01,
                                            label="Pruning threshold (0 = off; drops unlikely subtrees early)")
+            ui.lookup_tokens = gr.Slider(0, 16, value=0, step=1,
+                                         label="Prompt-lookup branch (tokens copied from earlier text; 0 = off)")
     return ui
 
 
@@ -104,7 +106,7 @@ def _replay(ui: SimpleNamespace) -> None:
             ui.clicked_step = gr.Textbox(elem_id="ss-clicked-step", show_label=False, container=False)
             ui.step_text = gr.Markdown(views.step_markdown(None, 0))
             gr.Markdown("Green: accepted (bold: the accepted path) · red: rejected by the main stream · "
-                        "grey: pruned early · pale: never verified. Hover a node for its stream, draft "
+                        "grey: pruned early · pale: never verified · diamonds: copied from earlier text (prompt lookup). Hover a node for its stream, draft "
                         "probability, rank, pruning score and the main stream's own choice.", elem_classes="ss-note")
         with gr.Column(scale=2, min_width=340):
             ui.tree = gr.Plot(figures.tree_figure(None), show_label=False, elem_id="ss-tree")
@@ -119,7 +121,8 @@ def _charts(ui: SimpleNamespace) -> None:
         with gr.Row():
             ui.depth_plot = gr.Plot(figures.empty_figure("Acceptance by depth."), show_label=False)
             ui.time_plot = gr.Plot(figures.empty_figure("Time per forward pass."), show_label=False)
-    with gr.Accordion("How it works", open=False):
+    # Open from the start: Plotly sizes a figure drawn inside a closed accordion at a default width.
+    with gr.Accordion("How it works", open=True):
         gr.Markdown(HOW_IT_WORKS)
         ui.mask = gr.Plot(figures.attention_mask_figure(None, 1), show_label=False)
     ui.download = gr.DownloadButton("Download the whole trace (JSON)", value=None, interactive=False)
@@ -201,7 +204,7 @@ def _final_outputs(ui, service: ModelService, session: Session) -> dict:
 
 
 def _wire_run(ui: SimpleNamespace, service: ModelService, on_gpu) -> None:
-    settings_inputs = [ui.max_new_tokens, ui.gamma, ui.top_k, ui.node_budget, ui.prune_threshold]
+    settings_inputs = [ui.max_new_tokens, ui.gamma, ui.top_k, ui.node_budget, ui.prune_threshold, ui.lookup_tokens]
     outputs = {ui.status, ui.plain_stats, ui.plain_text, ui.spec_stats, ui.spec_text, ui.verdict, ui.step,
                ui.step_text, ui.tree, ui.mask, ui.race_plot, ui.accepted_plot, ui.depth_plot, ui.time_plot,
                ui.download, ui.session}

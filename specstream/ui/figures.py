@@ -62,7 +62,7 @@ def tree_positions(nodes: tuple[NodeRecord, ...]) -> dict[int, tuple[float, floa
 def _node_hover(node: NodeRecord) -> str:
     if node.parent < 0:
         head = f"<b>root</b> {visible(node.text)!s}<br>the last accepted token"
-    elif getattr(node, "source", "stream") == "lookup":
+    elif node.source == "lookup":
         head = f"<b>{visible(node.text)}</b> · {node.fate.value}<br>copied from earlier text (prompt lookup)"
     else:
         head = (f"<b>{visible(node.text)}</b> · {node.fate.value}<br>stream {node.stream} · "
@@ -99,6 +99,7 @@ def tree_figure(record: StepRecord | None) -> go.Figure:
             mode="markers+text", name=fate.value, text=[visible(n.text) for n in nodes],
             textposition=["top center" if n.parent < 0 else "middle right" for n in nodes], textfont=dict(size=12),
             marker=dict(size=[20 if n.parent < 0 else 14 for n in nodes], color=colour,
+                        symbol=["diamond" if n.source == "lookup" else "circle" for n in nodes],
                         line=dict(color="#374151", width=1)),
             hovertext=[_node_hover(n) for n in nodes], hoverinfo="text",
         ))
@@ -197,7 +198,7 @@ def attention_mask_figure(record: StepRecord | None, gamma: int) -> go.Figure:
                                text=hover, hoverinfo="text"))
     # Rows are labelled; columns are the same slots in the same order, so one label set suffices.
     fig.update_yaxes(autorange="reversed", tickvals=list(range(size)), ticktext=labels, tickfont=dict(size=9),
-                     showgrid=False, zeroline=False)
+                     showgrid=False, zeroline=False, constrain="domain")
     fig.update_xaxes(showticklabels=False, title_text="attended slot (same order as the rows)", scaleanchor="y",
                      constrain="domain", showgrid=False, zeroline=False)
     fig.add_hline(y=len(kept) - 0.5, line=dict(color="#374151", width=1, dash="dot"))

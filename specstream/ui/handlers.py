@@ -38,11 +38,12 @@ def parse_top_k(text: str) -> tuple[int, ...]:
     return values
 
 
-def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshold) -> DecodeSettings:
+def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshold, lookup_tokens=0) -> DecodeSettings:
     """The visitor's settings as a DecodeSettings, or a gr.Error saying what is out of bounds."""
     try:
         numbers = dict(max_new_tokens=int(max_new_tokens), node_budget=int(node_budget),
-                       prune_threshold=float(prune_threshold), gamma=None if gamma is None else int(gamma))
+                       prune_threshold=float(prune_threshold), gamma=None if gamma is None else int(gamma),
+                       lookup_tokens=int(lookup_tokens))
     except (TypeError, ValueError, OverflowError):
         raise gr.Error("Every setting must be a number.")
     if numbers["max_new_tokens"] > MAX_NEW_TOKENS:

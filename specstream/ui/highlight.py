@@ -28,7 +28,7 @@ def token_roles(record: StepRecord) -> list[tuple[str, float | None, int | None]
     for position, _ in enumerate(record.emitted_tokens):
         if record.step == 0:
             roles.append(("prefill pass: the main stream's first token", None, None))
-        elif position < len(drafted) and getattr(drafted[position], "source", "stream") == "lookup":
+        elif position < len(drafted) and drafted[position].source == "lookup":
             roles.append(("copied from earlier text (prompt lookup), accepted", None, None))
         elif position < len(drafted):
             node = drafted[position]

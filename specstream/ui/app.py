@@ -228,10 +228,10 @@ def _wire_run(ui: SimpleNamespace, service: ModelService, on_gpu) -> None:
         if session is not None:
             session.stop.set()
 
-    ui.run.click(run, inputs=[ui.prompt, *settings_inputs], outputs=outputs, concurrency_limit=1,
-                 concurrency_id="decode", api_name=False)
-    ui.prompt.submit(run, inputs=[ui.prompt, *settings_inputs], outputs=outputs, concurrency_limit=1,
-                     concurrency_id="decode", api_name=False)
+    # "minimal": the full progress overlay would dim the replies while they are being written.
+    for trigger in (ui.run.click, ui.prompt.submit):
+        trigger(run, inputs=[ui.prompt, *settings_inputs], outputs=outputs, concurrency_limit=1,
+                concurrency_id="decode", api_name=False, show_progress="minimal")
     ui.stop.click(stop, inputs=[ui.session], queue=False, api_name=False)
 
 

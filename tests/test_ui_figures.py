@@ -2,6 +2,7 @@
 
 import dataclasses
 import html
+import json
 import re
 
 import gradio as gr
@@ -142,3 +143,10 @@ def test_prompt_lookup_nodes_are_marked(tiny_base):
     lookups = sum(symbol == "diamond" for t in fig.data if t.mode == "markers+text" for symbol in t.marker.symbol)
     assert lookups == sum(n.source == "lookup" for n in record.nodes)
     assert any("prompt lookup" in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+
+
+def test_trace_file_holds_the_whole_run(trace):
+    data = json.loads(open(views.write_trace_file(trace, {"model": "tiny"})).read())
+    assert data["plain_text"] == data["specstream_text"] == "".join(trace.plain.texts)
+    assert len(data["steps"]) == len(trace.steps()) and len(data["plain_steps"]) == len(trace.plain.records)
+    assert data["model"] == {"model": "tiny"} and data["identical"] is True

@@ -147,7 +147,8 @@ def build_demo(service: ModelService | None = None, gpu_decorator=None) -> gr.Bl
     `gpu_decorator` (ZeroGPU's `spaces.GPU`) wraps the functions that decode."""
     service = service or ModelService(ModelChoice.from_environment()).start()
     on_gpu = gpu_decorator or (lambda fn: fn)
-    with gr.Blocks(title="specstream", css=CSS, head=HEAD, theme=gr.themes.Soft()) as demo:
+    # delete_cache: Gradio's copies of the trace downloads go after an hour, checked hourly.
+    with gr.Blocks(title="specstream", css=CSS, head=HEAD, theme=gr.themes.Soft(), delete_cache=(3600, 3600)) as demo:
         ui = _layout(service)
         _wire_loading(ui, service)
         _wire_run(ui, service, on_gpu)

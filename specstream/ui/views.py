@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
+from pathlib import Path
 
 from ..records import StepRecord
 from ..tree import Fate
 from .highlight import visible
 from .race import Side, Trace
+
+TRACE_LIFETIME = 3600.0  # seconds a trace file stays on disk; a long-running Space must not fill its disk
 
 
 def model_markdown(info: dict) -> str:
@@ -71,7 +75,12 @@ def step_markdown(record: StepRecord | None, step_count: int) -> str:
 
 
 def write_trace_file(trace: Trace, info: dict) -> str:
-    """The whole trace as a JSON file for the download button."""
-    with tempfile.NamedTemporaryFile("w", prefix="specstream-trace-", suffix=".json", delete=False) as file:
+    """The whole trace as a JSON file for the download button; files older than an hour are removed."""
+    folder = Path(tempfile.gettempdir()) / "specstream-traces"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("trace-*.json"):
+        if time.time() - old.stat().st_mtime > TRACE_LIFETIME:
+            old.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix="trace-", suffix=".json", delete=False) as file:
         json.dump(trace.to_json(info), file, indent=1)
     return file.name

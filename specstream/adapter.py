@@ -49,6 +49,10 @@ class AdapterConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     prune_rank: int = 8  # the paper's rank-8 early-exit map
     mode: str = "lossless"  # lossless: adapters touch stream rows only; shared: every row of the top layers
+    # P_j = stream_scale * (stored embedding). Training sets it to the typical RMS of the hidden state
+    # at the first stream layer (about 20 in SmolLM2-135M, whose rows have norms near 450): stored at
+    # unit scale, the embeddings learned too slowly to tell the streams apart.
+    stream_scale: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -56,6 +60,8 @@ class AdapterConfig:
             problems.append(f"gamma must be 1 to 8, not {self.gamma}")
         if not 1 <= self.stream_layers < self.base.num_layers:
             problems.append(f"stream_layers must be 1 to {self.base.num_layers - 1}, not {self.stream_layers}")
+        if not 0 < self.stream_scale < 1e4:
+            problems.append(f"stream_scale must be positive, not {self.stream_scale}")
         if self.lora_rank < 0 or self.prune_rank < 0:
             problems.append("ranks must not be negative")
         if set(self.lora_targets) - set(LORA_TARGETS):
@@ -108,8 +114,9 @@ class StreamAdapter(nn.Module):
         super().__init__()
         self.config = config
         d = shape.hidden_size
-        # Small random embeddings so a fresh adapter's streams differ from one another.
-        self.stream_embeddings = nn.Parameter(torch.randn(config.gamma, d) * 0.02)  # (gamma, d)
+        # Random embeddings about a third the size of a hidden state (given a fitting stream_scale),
+        # so that even a fresh adapter's streams differ from the main stream and from one another.
+        self.stream_embeddings = nn.Parameter(torch.randn(config.gamma, d) * 0.3)  # (gamma, d)
         self.lora_down = nn.ParameterDict()
         self.lora_up = nn.ParameterDict()
         sizes = projection_sizes(shape)
@@ -121,6 +128,10 @@ class StreamAdapter(nn.Module):
                 self.lora_up[key] = nn.Parameter(torch.zeros(fan_out, config.lora_rank))  # starts as a no-op
         self.prune_down = nn.Parameter(torch.randn(config.prune_rank, d) / math.sqrt(d))
         self.prune_up = nn.Parameter(torch.zeros(d, config.prune_rank))
+
+    def stream_identity(self, count: int) -> torch.Tensor:
+        """The first `count` stream identifier embeddings P_j, (count, d)."""
+        return self.stream_embeddings[:count] * self.config.stream_scale
 
     @property
     def lora_scale(self) -> float:

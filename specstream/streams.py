@@ -145,7 +145,7 @@ class SpeculativeModel:
         slots = torch.tensor(kept, device=device) + past if pruned else past
         if not sources:
             return x, rotary_tables(self.weights, positions), mask, slots
-        embeddings = self.adapter.stream_embeddings[:gamma]  # (gamma, d)
+        embeddings = self.adapter.stream_identity(gamma)  # (gamma, d)
         streams = (x[0, sources][:, None, :] + embeddings[None]).reshape(1, -1, x.shape[-1])
         offsets = torch.arange(1, gamma + 1, device=device)
         # Stream j of the node at position p sits at p + j: the position of the token it predicts, less one.

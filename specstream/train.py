@@ -54,16 +54,24 @@ def batches_for_epoch(count: int, batch_size: int, seed: int, epoch: int, length
     return batches
 
 
-def precompute(weights, sequences: list[Sequence], objective: StreamObjective, batch_size: int, store_dtype, desc: str) -> list[Features]:
-    keep_kv = objective.adapter.config.lossless
+def precompute(weights, sequences: list[Sequence], first_layer: int, keep_kv: bool, batch_size: int, store_dtype, desc: str) -> list[Features]:
     # Computed in the storage dtype: bf16 is 3x faster on CPUs with bf16 matmuls, and these
     # features only seed the streams.
     weights = weights.cast(store_dtype) if weights.dtype != store_dtype else weights
     lengths = [len(s.tokens) for s in sequences]
     features = []
     for batch in tqdm(batches_for_epoch(len(sequences), batch_size, 0, -1, lengths), desc=desc, file=sys.stderr):
-        features.append(main_stream_features(weights, [sequences[i] for i in batch], objective.first_layer, keep_kv, store_dtype))
+        features.append(main_stream_features(weights, [sequences[i] for i in batch], first_layer, keep_kv, store_dtype))
     return features
+
+
+def hidden_rms(features: list[Features]) -> float:
+    """The typical RMS of a real (unpadded) hidden state at the first stream layer."""
+    values = []
+    for batch in features[:16]:
+        rows = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+        values.append(batch.early_hidden[rows].float().pow(2).mean(-1).sqrt().median())
+    return round(float(torch.stack(values).median()), 3)
 
 
 def check_writable(folder: Path) -> None:
@@ -95,10 +103,6 @@ def train(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     torch.manual_seed(settings.seed)
     base = load_base_model(args.model, device=str(accelerator.device), dtype="float32")
-    config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
-                           lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode)
-    adapter = StreamAdapter(config, base.weights.shape).to(accelerator.device)
-    objective = StreamObjective(adapter, base.weights)
     samples = build_dataset(base, args.data_dir, count=args.samples, prompt_files=tuple(args.prompt_file),
                             max_new_tokens=args.reply_tokens, seed=settings.seed, batch_size=args.generation_batch,
                             dtype=getattr(torch, args.generation_dtype))
@@ -108,8 +112,15 @@ def train(args: argparse.Namespace) -> dict:
     held_out = max(1, int(len(sequences) * settings.eval_fraction))
     train_part = sequences[held_out:][accelerator.process_index :: accelerator.num_processes]
     store = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    eval_features = precompute(base.weights, sequences[:held_out], objective, settings.batch_size, store, "eval features")
-    features = precompute(base.weights, train_part, objective, settings.batch_size, store, "train features")
+    first_layer = base.weights.shape.num_layers - args.stream_layers
+    keep_kv = args.mode == "lossless"
+    eval_features = precompute(base.weights, sequences[:held_out], first_layer, keep_kv, settings.batch_size, store, "eval features")
+    features = precompute(base.weights, train_part, first_layer, keep_kv, settings.batch_size, store, "train features")
+    config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
+                           lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode,
+                           stream_scale=hidden_rms(features))
+    adapter = StreamAdapter(config, base.weights.shape).to(accelerator.device)
+    objective = StreamObjective(adapter, base.weights)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     start = 0
     if args.resume and (args.out / "checkpoint").is_dir():

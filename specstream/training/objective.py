@@ -44,7 +44,7 @@ class StreamObjective(nn.Module):
         start = int(features.first_source.min())  # no stream rows before any sequence's reply
         sources = length - start
         early = features.early_hidden.to(device=device, dtype=base.dtype)
-        streams = early[:, start:, None, :] + self.adapter.stream_embeddings[None, None]  # (B, S, g, d)
+        streams = early[:, start:, None, :] + self.adapter.stream_identity(gamma)[None, None]  # (B, S, g, d)
         streams = streams.reshape(batch, sources * gamma, -1)
         stream_positions = (torch.arange(start, length, device=device)[:, None] + torch.arange(1, gamma + 1, device=device)).reshape(-1)
         causal = causal_block_mask(0, length, device)

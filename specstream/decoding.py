@@ -35,6 +35,10 @@ class DecodeSettings:
     gamma: int | None = None  # tree depth; None = every stream of the adapter
     lookup_tokens: int = 0  # a branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off
     lookup_ngram: int = 3  # longest n-gram matched for prompt lookup, as in transformers' prompt lookup
+    # "joint": every tree node carries its streams through the top layers (the paper's single
+    # pass; free on a GPU). "deferred": only the deepest accepted node's streams, in a short second
+    # pass over the top layers (same drafts, far fewer rows: cheaper on a CPU). "auto" picks by device.
+    stream_pass: str = "auto"
     stop_at_eos: bool = True
 
     def validate(self, model: SpeculativeModel | None = None) -> DecodeSettings:
@@ -47,6 +51,8 @@ class DecodeSettings:
             problems.append(f"node budget must be 1 to {MAX_NODE_BUDGET}, not {self.node_budget}")
         if not 0 <= self.lookup_tokens <= 16 or not 1 <= self.lookup_ngram <= 8:
             problems.append("prompt lookup takes 0 to 16 tokens and n-grams of 1 to 8 tokens")
+        if self.stream_pass not in ("auto", "joint", "deferred"):
+            problems.append(f"stream pass must be auto, joint or deferred, not '{self.stream_pass}'")
         if not 0.0 <= self.prune_threshold < 1.0:
             problems.append(f"pruning threshold must be at least 0 and below 1, not {self.prune_threshold}")
         streams = model.gamma if model else 8
@@ -55,6 +61,11 @@ class DecodeSettings:
         if problems:
             raise SettingsError("; ".join(problems))
         return self
+
+    def deferred_streams(self, model: SpeculativeModel) -> bool:
+        if self.stream_pass == "auto":
+            return model.weights.device.type == "cpu"
+        return self.stream_pass == "deferred"
 
     def depth(self, model: SpeculativeModel) -> int:
         return min(model.gamma if self.gamma is None else self.gamma, len(self.top_k))
@@ -220,6 +231,7 @@ def _tree_pass(model: SpeculativeModel, cache, tree: DraftTree, settings: Decode
     device = model.weights.device
     parents, tokens = tree.parents, tree.tokens
     scores: list[float] | None = None
+    deferred = settings.deferred_streams(model)
 
     def select_rows(early_hidden: torch.Tensor) -> list[int]:
         nonlocal scores
@@ -232,7 +244,7 @@ def _tree_pass(model: SpeculativeModel, cache, tree: DraftTree, settings: Decode
         torch.tensor(tokens, device=device),
         torch.tensor(tree.depths, device=device) + cache.length,
         tree_attention_mask(parents, device),
-        stream_sources="all",
+        stream_sources=None if deferred else "all",
         select_rows=select_rows if settings.prune_threshold > 0 and len(tree) > 1 else None,
         gamma=depth,
     )
@@ -244,9 +256,13 @@ def _tree_pass(model: SpeculativeModel, cache, tree: DraftTree, settings: Decode
         choice[node] = token
     path = accept_longest_path(parents, tokens, kept, choice)
     cache.keep(torch.tensor(path, device=device))
-    deepest_row = out.kept.index(path[-1])
-    candidates = [tokens[i] for i in path[1:]] + [choice[path[-1]]]
-    return _TreePass(path, candidates, kept, choice, scores, out.stream_hidden[deepest_row])
+    deepest = path[-1]
+    if deferred:
+        streams = model.streams_at_end(cache, out.early_hidden[deepest], depth)
+    else:
+        streams = out.stream_hidden[out.kept.index(deepest)]
+    candidates = [tokens[i] for i in path[1:]] + [choice[deepest]]
+    return _TreePass(path, candidates, kept, choice, scores, streams)
 
 
 def _node_records(tree: DraftTree, result: _TreePass, token_text: TokenText) -> list[NodeRecord]:

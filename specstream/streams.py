@@ -119,8 +119,8 @@ class SpeculativeModel:
         x, rotary, mask, slots = self._add_streams(x, positions, mask, sources, gamma, kept, past)
         first_adapted = len(kept) if (self.adapter and self.adapter.config.lossless) else 0
         span = mask.shape[1]
-        if not sources and len(kept) == 1:
-            mask = None  # one row that sees everything: no mask is faster
+        if not sources and count == 1:
+            mask = None  # a single new row sees every slot: no mask is faster
         for layer in range(self.first_stream_layer, self.shape.num_layers):
             delta = LoraDelta(self.adapter, layer - self.first_stream_layer, first_adapted) if self.adapter else None
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, slots, span), mask, delta)
@@ -156,6 +156,25 @@ class SpeculativeModel:
             scratch = torch.arange(len(sources) * gamma, device=device) + past + block
             slots = torch.cat([slots, scratch])
         return torch.cat([x, streams], dim=1), rotary, mask, slots
+
+    def streams_at_end(self, cache: KVCache, early_row: torch.Tensor, gamma: int) -> torch.Tensor:
+        """Streams of the last committed position alone, after the pass that committed it.
+
+        Streams never change the main stream, so computing them in a short second pass (gamma
+        rows through the top layers, seeing the committed cache) gives what the joint pass would
+        have given at that node. On a CPU this is far cheaper than carrying gamma stream rows
+        for every tree node. early_row (d,) is that node's main stream entering the first
+        stream layer. Returns (gamma, d), final-normed."""
+        w, length = self.weights, cache.length
+        x = (early_row[None] + self.adapter.stream_identity(gamma))[None]  # (1, gamma, d)
+        offsets = torch.arange(1, gamma + 1, device=x.device)
+        rotary = rotary_tables(w, offsets + (length - 1))
+        visible = torch.ones(1, length, dtype=torch.bool, device=x.device)
+        mask = stream_attention_mask(visible, [0], gamma)[1:]  # (gamma, length + gamma)
+        for layer in range(self.first_stream_layer, self.shape.num_layers):
+            delta = LoraDelta(self.adapter, layer - self.first_stream_layer, 0)
+            x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, length, length + gamma), mask, delta)
+        return rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
 
     def transition_scores(self, early_hidden: torch.Tensor, tokens: list[int], parents: list[int]) -> list[float]:
         """The pruning map's estimate of each node's probability given its parent (root: 1)."""

@@ -30,7 +30,8 @@ def test_specstream_equals_plain_for_random_adapters(tiny_base, seed):
     prompt = [rng.randrange(3, 24) for _ in range(rng.randrange(1, 10))]
     settings = DecodeSettings(
         max_new_tokens=rng.randrange(1, 50), top_k=(6, 4, 3), node_budget=rng.choice([1, 5, 60]),
-        prune_threshold=rng.choice([0.0, 0.05]), lookup_tokens=rng.choice([0, 5]), stop_at_eos=False,
+        prune_threshold=rng.choice([0.0, 0.05]), lookup_tokens=rng.choice([0, 5]),
+        stream_pass=rng.choice(["joint", "deferred"]), stop_at_eos=False,
     )
     plain, spec = decode_both(model, prompt, settings)
     assert tokens_of(spec) == tokens_of(plain)
@@ -148,3 +149,17 @@ def test_prompt_lookup_branch_is_verified_losslessly(tiny_base):
     assert tokens_of(spec) == tokens_of(plain)
     lookup_accepted = [n for r in spec[1:] for n in r.nodes if n.source == "lookup" and n.fate is Fate.ACCEPTED]
     assert lookup_accepted
+
+
+def test_deferred_streams_draft_what_the_joint_pass_drafts(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 4))
+    runs = {}
+    for mode in ("joint", "deferred"):
+        settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, stream_pass=mode, stop_at_eos=False)
+        runs[mode] = list(specstream_decode(model, [3, 9, 4], settings))
+    assert len(runs["joint"]) == len(runs["deferred"])
+    for joint, deferred in zip(runs["joint"], runs["deferred"]):
+        assert [n.token_id for n in joint.nodes] == [n.token_id for n in deferred.nodes]
+        assert [round(n.draft_prob, 9) for n in joint.nodes] == [round(n.draft_prob, 9) for n in deferred.nodes]
+        assert joint.emitted_tokens == deferred.emitted_tokens
+    assert any(r.accepted_length for r in runs["joint"][1:])

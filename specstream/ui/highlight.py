@@ -21,6 +21,23 @@ def visible(text: str) -> str:
     return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
+# The end-of-sequence token is a control token (`<|im_end|>`), not text: the replies show a mark.
+END_MARK = "⏹"
+
+
+def reply_pieces(record: StepRecord) -> list[str]:
+    """The emitted tokens' texts as a reader sees them: the end-of-sequence token becomes END_MARK."""
+    pieces = list(record.emitted_texts)
+    if record.finish_reason == "eos" and pieces:
+        pieces[-1] = END_MARK
+    return pieces
+
+
+def reply_text(records: list[StepRecord]) -> str:
+    """A decoder's whole reply without its end-of-sequence token."""
+    return "".join(p for r in records for p in reply_pieces(r) if p != END_MARK)
+
+
 def token_roles(record: StepRecord) -> list[tuple[str, float | None, int | None]]:
     """(role, draft probability, rank) of each emitted token of one step, from its accepted path."""
     drafted = [record.nodes[i] for i in record.accepted_path[1:]]
@@ -58,9 +75,12 @@ def specstream_html(records: list[StepRecord], selected_step: int | None = None)
     for record in records:
         band = BANDS[record.step % len(BANDS)]
         roles = token_roles(record)
-        for position, text in enumerate(record.emitted_texts):
+        for position, text in enumerate(reply_pieces(record)):
             role, prob, rank = roles[position]
             classes = "ss-token"
+            if text == END_MARK and record.finish_reason == "eos" and position == len(roles) - 1:
+                role = "end of reply (end-of-sequence token); " + role
+                classes += " ss-end"
             if record.step > 0 and position == len(record.accepted_path) - 1:
                 classes += " ss-bonus"
             if record.step == selected_step:
@@ -72,8 +92,10 @@ def specstream_html(records: list[StepRecord], selected_step: int | None = None)
 
 def plain_html(records: list[StepRecord]) -> str:
     """Plain decoding's reply: one token per pass, so no bands, just the text."""
-    text = "".join(t for r in records for t in r.emitted_texts)
-    return _reply_box(html.escape(text))
+    pieces = [p for r in records for p in reply_pieces(r)]
+    return _reply_box("".join(
+        f'<span class="ss-end" title="end of reply">{p}</span>' if p == END_MARK and i == len(pieces) - 1
+        else html.escape(p) for i, p in enumerate(pieces)))
 
 
 def _reply_box(inner: str) -> str:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 from ..decoding import DecodeSettings, plain_decode, specstream_decode
 from ..records import StepRecord
 from ..streams import SpeculativeModel
+from .highlight import reply_text
 
 METHODS = ("plain", "specstream")
 MEASUREMENT_NOTE = (
@@ -111,8 +112,8 @@ class Trace:
             "settings": asdict(self.settings),
             "tree_depth": self.depth,
             "model": model_info or {},
-            "plain_text": "".join(self.plain.texts),
-            "specstream_text": "".join(self.specstream.texts),
+            "plain_text": reply_text(self.plain.records),
+            "specstream_text": reply_text(self.specstream.records),
             "identical": divergence is None and self.finished,
             "divergence": asdict(divergence) if divergence else None,
             "speedup": self.speedup(),

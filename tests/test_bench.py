@@ -28,7 +28,7 @@ def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path):
     out = tmp_path / "out.json"
     argv = ["--prompts", str(prompt_file), "--limit", "2", "--max-new-tokens", "12", "--methods",
             "plain,specstream,hf_generate", "--json", str(out), "--adapter", str(adapter), "--model", str(tiny_dir),
-            "--device", "cpu", "--dtype", "float64", "--quiet"]
+            "--device", "cpu", "--dtype", "float64", "--quiet", "--report", str(tmp_path / "report")]
     bench.main(argv)
     result = json.loads(out.read_text())
     for key in ("model", "device", "dtype", "prompts", "methods", "speedup_vs_plain", "identical_outputs", "divergences"):
@@ -41,6 +41,10 @@ def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path):
     assert result["methods"]["plain"]["mean_accepted"] == 1.0
     assert result["identical_outputs"] == 2, result["divergences"]
     assert set(result["per_category"]) == {"writing", "coding"}
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["coding", "writing", "**all**"]
+    assert "hf_generate tok/s" in table and "identical outputs: 2 of 2" in table
+    assert (tmp_path / "report" / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_category_filter_and_errors(tiny_dir, prompt_file, tmp_path):

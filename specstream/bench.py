@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .adapter import AdapterError
 from .decoding import DECODERS, DecodeSettings, SettingsError
 from .engine import build_model, default_adapter_path
+from .report import write_report
 from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
 from .streams import SpeculativeModel
 
@@ -189,7 +190,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     model = build_model(base, adapter)
     settings = DecodeSettings(
         top_k=tuple(int(k) for k in args.top_k.split(",")), node_budget=args.node_budget,
-        prune_threshold=args.prune_threshold, gamma=args.gamma,
+        prune_threshold=args.prune_threshold, gamma=args.gamma, tree=args.tree, lookup_tokens=args.lookup_tokens,
+        stream_pass=args.stream_pass,
     ).validate(model)
     runner = Runner(base, model, settings)
     prompt_ids = [base.chat_prompt(p.text) for p in prompts]
@@ -274,6 +276,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--node-budget", type=int, default=DecodeSettings.node_budget)
     parser.add_argument("--prune-threshold", type=float, default=DecodeSettings.prune_threshold)
     parser.add_argument("--gamma", type=int, default=None)
+    parser.add_argument("--tree", default=DecodeSettings.tree, choices=("auto", "fixed"),
+                        help="auto: the node budget (at most --node-budget) that measured pass costs favour")
+    parser.add_argument("--lookup-tokens", type=int, default=DecodeSettings.lookup_tokens,
+                        help="prompt-lookup branch length; 0 = off")
+    parser.add_argument("--stream-pass", default=DecodeSettings.stream_pass, choices=("auto", "joint", "deferred"))
+    parser.add_argument("--report", type=Path, nargs="?", const=Path("assets"), default=None,
+                        help="write results.md and results.png into this folder (default: assets/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -291,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.report:
+        for path in write_report(result, args.report):
+            print(f"wrote {path}")
     return result
 
 

@@ -1,19 +1,28 @@
 """What one forward pass costs on the running device, by tree size.
 
 On a GPU a pass over 8 to 64 nodes costs about what one token costs; on a small CPU it does not,
-so the tree worth drafting depends on the machine. These timings feed the ablation in the model
-card and the choice of tree.
+so the tree worth drafting depends on the machine. These timings feed the "auto" tree and the
+ablation in the model card. Measuring takes seconds, so the table is kept per process and on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
 import statistics
 import time
+import weakref
 
 import torch
 
+from .loading import cache_root
 from .streams import SpeculativeModel
 from .tree import tree_attention_mask
+
+# Tree sizes the auto tree chooses from (root included); 1 is a pass with streams but no drafts.
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _sync(device: torch.device) -> None:
@@ -27,9 +36,12 @@ def _bushy_parents(size: int, branching: int = 3) -> list[int]:
 
 
 @torch.inference_mode()
-def pass_seconds(model: SpeculativeModel, sizes: list[int], prompt_length: int = 200, repeats: int = 7) -> dict[int, float]:
+def pass_seconds(
+    model: SpeculativeModel, sizes: list[int], prompt_length: int = 200, repeats: int = 7, deferred: bool = False
+) -> dict[int, float]:
     """Median wall time of one decoding pass (tree forward, verification logits over the tree,
-    stream logits at one node) per tree size; size 1 without streams is a plain decoding step."""
+    stream logits at one node) per tree size; size 1 without streams is a plain decoding step.
+    `deferred` computes the streams as the CPU decoder does: one node's, after the tree pass."""
     device = model.weights.device
     vocab = model.shape.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -47,15 +59,63 @@ def pass_seconds(model: SpeculativeModel, sizes: list[int], prompt_length: int =
             depths[i] = depths[parents[i]] + 1
         mask = tree_attention_mask(parents, device)
         streams = "all" if size > 1 and model.adapter is not None else None
+        if deferred:
+            streams = None
         timings = []
         for _ in range(repeats + 1):  # the first is a warm-up
             _sync(device)
             started = time.perf_counter()
             out = model.forward(cache, tokens, depths.to(device) + prompt_length, mask, stream_sources=streams)
             model.logits(out.main_hidden).argmax(-1).tolist()
-            if out.stream_hidden is not None:
-                model.logits(out.stream_hidden[0]).topk(4, dim=-1)
+            stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
+            if deferred and model.adapter is not None:
+                stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
+            if stream_hidden is not None:
+                model.logits(stream_hidden).topk(4, dim=-1)
             _sync(device)
             timings.append(time.perf_counter() - started)
         results[size] = statistics.median(timings[1:])
     return results
+
+
+def device_costs(model: SpeculativeModel, deferred: bool) -> tuple[float, dict[int, float]]:
+    """(seconds of a plain decoding step, seconds of a tree pass by size) on the running device:
+    measured once per model and process, and kept on disk for the next start."""
+    key = _device_key(model, deferred)
+    if key in _measured.get(model, {}):
+        return _measured[model][key]
+    path = cache_root() / "pass-costs.json"
+    table = _read_json(path)
+    if key in table:
+        plain, tree = table[key]["plain"], {int(k): v for k, v in table[key]["tree"].items()}
+    else:
+        plain = pass_seconds(SpeculativeModel(model.weights, None), [1], repeats=9)[1]
+        tree = pass_seconds(model, list(SIZES), repeats=5, deferred=deferred)
+        table[key] = {"plain": plain, "tree": tree}
+        _write_json(path, table)
+    _measured.setdefault(model, {})[key] = (plain, tree)
+    return plain, tree
+
+
+def _device_key(model: SpeculativeModel, deferred: bool) -> str:
+    device = model.weights.device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor()} x{torch.get_num_threads()}"
+    config = model.adapter.config if model.adapter else None
+    parts = [where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",
+             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}" if config else "none"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again
+
+
+def _write_json(path, table: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement next start

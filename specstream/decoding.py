@@ -8,11 +8,14 @@ device sync; building the record (token texts) happens after the clock stops.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
+from .autotree import AcceptanceStats, Plan, TreePlanner
+from .costs import device_costs
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
 from .lookup import lookup_continuation
@@ -29,8 +32,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class DecodeSettings:
     max_new_tokens: int = 128  # the Spec-Bench figures in DESIGN.md use 128
-    top_k: tuple[int, ...] = (4, 3, 2, 2)  # candidates per depth; wider near the root, where acceptance is likeliest
-    node_budget: int = 24  # drafted nodes plus the root; keeps a CPU pass near the cost of a few tokens
+    top_k: tuple[int, ...] = (6, 4, 3, 2)  # candidates per depth; wider near the root, where acceptance is likeliest
+    node_budget: int = 48  # drafted nodes plus the root (with the auto tree: the most it may draft)
     prune_threshold: float = 0.0  # drop subtrees whose early-exit transition probability is below this; 0 = off
     gamma: int | None = None  # tree depth; None = every stream of the adapter
     lookup_tokens: int = 0  # a branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off
@@ -39,6 +42,9 @@ class DecodeSettings:
     # pass; free on a GPU). "deferred": only the deepest accepted node's streams, in a short second
     # pass over the top layers (same drafts, far fewer rows: cheaper on a CPU). "auto" picks by device.
     stream_pass: str = "auto"
+    # "auto": each pass drafts the node budget (at most `node_budget`, shaped by `top_k`) that the
+    # measured pass costs and the acceptance seen so far say is fastest; "fixed": always `node_budget`.
+    tree: str = "auto"
     stop_at_eos: bool = True
 
     def validate(self, model: SpeculativeModel | None = None) -> DecodeSettings:
@@ -51,6 +57,8 @@ class DecodeSettings:
             problems.append(f"node budget must be 1 to {MAX_NODE_BUDGET}, not {self.node_budget}")
         if not 0 <= self.lookup_tokens <= 16 or not 1 <= self.lookup_ngram <= 8:
             problems.append("prompt lookup takes 0 to 16 tokens and n-grams of 1 to 8 tokens")
+        if self.tree not in ("auto", "fixed"):
+            problems.append(f"tree must be auto or fixed, not '{self.tree}'")
         if self.stream_pass not in ("auto", "joint", "deferred"):
             problems.append(f"stream pass must be auto, joint or deferred, not '{self.stream_pass}'")
         if not 0.0 <= self.prune_threshold < 1.0:
@@ -126,7 +134,7 @@ def _prefill(model: SpeculativeModel, cache, prompt_ids: list[int], streams: boo
     return first, out
 
 
-def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), path=(), bonus=None) -> StepRecord:
+def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), path=(), bonus=None, plan=None) -> StepRecord:
     return StepRecord(
         method=method,
         step=step,
@@ -139,6 +147,8 @@ def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), p
         total_tokens=len(run.tokens),
         forward_passes=run.passes,
         finish_reason=reason,
+        expected_tokens_per_pass=plan.expected_tokens_per_pass if plan else None,
+        expected_speedup=plan.expected_speedup if plan else None,
     )
 
 
@@ -169,13 +179,15 @@ def plain_decode(
         token = int(model.logits(out.main_hidden[0]).argmax())
 
 
-def _next_draft(model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int) -> DraftTree:
+def _next_draft(
+    model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int, budget: int
+) -> DraftTree:
     """stream_hidden (gamma, d) of the deepest accepted node -> the best tree of top-k tokens per
     depth below the last token of `context`, plus a prompt-lookup branch."""
     widest = max(settings.top_k[:depth])
     probs = torch.softmax(model.logits(stream_hidden[:depth]).float(), dim=-1)
     top_probs, top_tokens = probs.topk(widest, dim=-1)
-    tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], settings.node_budget)
+    tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], budget)
     if settings.lookup_tokens:
         tree = graft_chain(tree, lookup_continuation(context, settings.lookup_ngram, settings.lookup_tokens))
     return tree
@@ -191,9 +203,11 @@ def specstream_decode(
     scratch = (settings.node_budget + settings.lookup_tokens) * (1 + depth) + depth + 1
     cache, run = _start(model, prompt_ids, settings, scratch_rows=scratch)
     device = model.weights.device
+    planner = tree_planner(model, settings, depth) if settings.tree == "auto" else None
+    plan = planner.plan if planner else None
     started = time.perf_counter()
     first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
-    tree = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth)
+    tree = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, _budget(settings, plan))
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -205,15 +219,35 @@ def specstream_decode(
         pass_result = _tree_pass(model, cache, tree, settings, depth)
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
-        tree_done = tree
+        tree_done, plan_done = tree, plan
         if not reason:
-            tree = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth)
+            plan = planner.plan if planner else None
+            budget = _budget(settings, plan)
+            tree = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, budget)
         _sync(device)
         seconds = time.perf_counter() - started
         nodes = _node_records(tree_done, pass_result, token_text)
-        yield _record(
-            "specstream", run, step, seconds, emitted, reason, token_text, nodes, pass_result.path, pass_result.candidates[-1]
-        )
+        record = _record("specstream", run, step, seconds, emitted, reason, token_text, nodes, pass_result.path,
+                         pass_result.candidates[-1], plan_done)
+        if planner:
+            planner.observe(record)
+        yield record
+
+
+def _budget(settings: DecodeSettings, plan: Plan | None) -> int:
+    return plan.node_budget if plan else settings.node_budget
+
+
+_shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> TreePlanner:
+    """The auto tree's planner for one run: this device's pass costs (measured once, before any
+    pass is timed) and the acceptance statistics of the model's earlier runs."""
+    top_k = settings.top_k[:depth]
+    plain_seconds, tree_seconds = device_costs(model, settings.deferred_streams(model))
+    stats = _shared_stats.setdefault(model, {}).setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
+    return TreePlanner(top_k, settings.node_budget, stats, plain_seconds, tree_seconds)
 
 
 @dataclass

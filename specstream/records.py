@@ -38,6 +38,10 @@ class StepRecord:
     total_tokens: int
     forward_passes: int
     finish_reason: str | None  # "eos", "length" or None while decoding goes on
+    # The auto tree's forecast for this pass's tree (None for plain decoding and fixed trees):
+    # tokens per pass and speedup over plain decoding, from measured pass costs and acceptance so far.
+    expected_tokens_per_pass: float | None = None
+    expected_speedup: float | None = None
 
     @property
     def tokens_per_pass(self) -> float:

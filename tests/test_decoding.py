@@ -10,7 +10,7 @@ from specstream.tree import Fate
 
 from .conftest import random_adapter, with_eos
 
-WIDE = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=60, stop_at_eos=False)
+WIDE = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=60, tree="fixed", stop_at_eos=False)
 
 
 def tokens_of(records):
@@ -72,7 +72,7 @@ def test_end_of_sequence_inside_an_accepted_path(tiny_base):
         if eos is None:
             continue
         stopping = with_eos(model, eos)
-        settings = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=60)
+        settings = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=60, tree="fixed")
         plain, spec = decode_both(stopping, [seed + 3, 9], settings)
         assert tokens_of(spec) == tokens_of(plain) == free_run[: free_run.index(eos) + 1]
         assert spec[-1].finish_reason == "eos"
@@ -86,7 +86,7 @@ def test_token_limit_inside_an_accepted_path(tiny_base):
     for seed in range(8):
         model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, seed))
         for limit in (2, 3, 5, 8):
-            settings = DecodeSettings(max_new_tokens=limit, top_k=(6, 4, 3), node_budget=60, stop_at_eos=False)
+            settings = DecodeSettings(max_new_tokens=limit, top_k=(6, 4, 3), node_budget=60, tree="fixed", stop_at_eos=False)
             plain, spec = decode_both(model, [seed + 3, 9, 11], settings)
             assert tokens_of(spec) == tokens_of(plain) and len(tokens_of(spec)) == limit
             hits += len(spec[-1].emitted_tokens) < spec[-1].accepted_length + 1
@@ -130,7 +130,7 @@ def test_absurd_settings_are_refused(tiny_base, settings, message):
 
 def test_pruning_marks_pruned_nodes(tiny_base):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 5))
-    settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=60, prune_threshold=0.2, stop_at_eos=False)
+    settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=60, tree="fixed", prune_threshold=0.2, stop_at_eos=False)
     plain, spec = decode_both(model, [3, 4, 5], settings)
     assert tokens_of(spec) == tokens_of(plain)
     pruned = [n for r in spec[1:] for n in r.nodes if n.fate is Fate.PRUNED]
@@ -144,7 +144,7 @@ def test_prompt_lookup_branch_is_verified_losslessly(tiny_base):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 2))
     free = tokens_of(plain_decode(model, [5, 6, 7], DecodeSettings(max_new_tokens=30, stop_at_eos=False)))
     prompt = [5, 6, 7] + free[:20] + [5, 6, 7]  # the greedy reply to [5, 6, 7] is in the prompt
-    settings = DecodeSettings(max_new_tokens=20, top_k=(1,), node_budget=2, lookup_tokens=8, stop_at_eos=False)
+    settings = DecodeSettings(max_new_tokens=20, top_k=(1,), node_budget=2, tree="fixed", lookup_tokens=8, stop_at_eos=False)
     plain, spec = decode_both(model, prompt, settings)
     assert tokens_of(spec) == tokens_of(plain)
     lookup_accepted = [n for r in spec[1:] for n in r.nodes if n.source == "lookup" and n.fate is Fate.ACCEPTED]
@@ -155,7 +155,7 @@ def test_deferred_streams_draft_what_the_joint_pass_drafts(tiny_base):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 4))
     runs = {}
     for mode in ("joint", "deferred"):
-        settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, stream_pass=mode, stop_at_eos=False)
+        settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, tree="fixed", stream_pass=mode, stop_at_eos=False)
         runs[mode] = list(specstream_decode(model, [3, 9, 4], settings))
     assert len(runs["joint"]) == len(runs["deferred"])
     for joint, deferred in zip(runs["joint"], runs["deferred"]):

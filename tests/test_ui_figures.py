@@ -13,12 +13,12 @@ from specstream.streams import SpeculativeModel, stream_attention_mask
 from specstream.tree import Fate, tree_attention_mask
 from specstream.ui import figures, views
 from specstream.ui.handlers import make_settings
-from specstream.ui.highlight import plain_html, specstream_html, token_roles
+from specstream.ui.highlight import END_MARK, plain_html, reply_text, specstream_html, token_roles
 from specstream.ui.race import race
 
 from .conftest import random_adapter
 
-SETTINGS = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=40, prune_threshold=0.03, stop_at_eos=False)
+SETTINGS = DecodeSettings(max_new_tokens=40, top_k=(6, 4, 3), node_budget=40, tree="fixed", prune_threshold=0.03, stop_at_eos=False)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,16 @@ def test_highlight_bands_come_from_token_ids(trace):
     assert any(f"step {record.step} " in html.unescape(t) and f"p={prob:.2f}" in t for _, _, t, _ in spans)
     assert "&lt;|" in page or "<|" not in "".join(trace.specstream.texts)  # token text is escaped
     assert html.unescape(re.sub("<[^>]+>", "", plain_html(trace.plain.records))) == "".join(trace.plain.texts)
+
+
+def test_end_of_sequence_is_a_mark_not_control_text(trace):
+    steps = trace.steps()
+    last = steps[-1]
+    ended = dataclasses.replace(last, emitted_texts=last.emitted_texts[:-1] + ("<|im_end|>",), finish_reason="eos")
+    records = steps[:-1] + [ended]
+    for page in (specstream_html(records), plain_html(records)):
+        assert "im_end" not in page and page.count(f">{END_MARK}<") == 1 and "ss-end" in page
+    assert reply_text(records) == "".join(trace.specstream.texts[:-1])  # the API's text has no control token
 
 
 @pytest.mark.parametrize(

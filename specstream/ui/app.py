@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from . import figures, views
+from ..decoding import DecodeSettings
 from .handlers import DEFAULT_TOP_K_TEXT, MAX_NEW_TOKENS, Session, acquire_device, compare, make_settings, prompt_ids
 from .highlight import plain_html, specstream_html
 from .race import MEASUREMENT_NOTE, Trace, race
@@ -39,6 +40,7 @@ CSS = """
 .ss-token { color: #111827; border-radius: 3px; padding: 1px 0; cursor: pointer; }
 .ss-bonus { border-bottom: 2px solid #111827; }
 .ss-selected { outline: 2px solid #f59e0b; }
+.ss-end { color: var(--body-text-color-subdued); padding: 0 2px; }
 .ss-empty { color: var(--body-text-color-subdued); }
 #ss-clicked-step { display: none; }
 /* A tree needs room for its token labels: on a phone it scrolls sideways rather than overlap. */
@@ -69,9 +71,12 @@ def _inputs() -> SimpleNamespace:
         with gr.Row():
             ui.max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
             ui.gamma = gr.Slider(1, 8, value=3, step=1, label="Tree depth γ (streams used; up to the adapter's)")
+        ui.auto_tree = gr.Checkbox(True, label="Auto tree: each pass drafts the tree size that this machine's "
+                                               "measured pass costs and the acceptance so far say is fastest")
         with gr.Row():
             ui.top_k = gr.Textbox(DEFAULT_TOP_K_TEXT, label="Top-k per depth (comma-separated)")
-            ui.node_budget = gr.Slider(1, 256, value=24, step=1, label="Node budget (tree size, root included)")
+            ui.node_budget = gr.Slider(1, 256, value=DecodeSettings.node_budget, step=1,
+                                       label="Node budget (tree size, root included; the most the auto tree may use)")
             ui.prune_threshold = gr.Slider(0.0, 0.99, value=0.0, step=0.01,
                                            label="Pruning threshold (0 = off; drops unlikely subtrees early)")
             ui.lookup_tokens = gr.Slider(0, 16, value=0, step=1,
@@ -205,7 +210,8 @@ def _final_outputs(ui, service: ModelService, session: Session) -> dict:
 
 
 def _wire_run(ui: SimpleNamespace, service: ModelService, on_gpu) -> None:
-    settings_inputs = [ui.max_new_tokens, ui.gamma, ui.top_k, ui.node_budget, ui.prune_threshold, ui.lookup_tokens]
+    settings_inputs = [ui.max_new_tokens, ui.gamma, ui.top_k, ui.node_budget, ui.prune_threshold, ui.lookup_tokens,
+                       ui.auto_tree]
     outputs = {ui.status, ui.plain_stats, ui.plain_text, ui.spec_stats, ui.spec_text, ui.verdict, ui.step,
                ui.step_text, ui.tree, ui.mask, ui.race_plot, ui.accepted_plot, ui.depth_plot, ui.time_plot,
                ui.download, ui.session}

@@ -38,7 +38,8 @@ def parse_top_k(text: str) -> tuple[int, ...]:
     return values
 
 
-def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshold, lookup_tokens=0) -> DecodeSettings:
+def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshold, lookup_tokens=0,
+                  auto_tree=True) -> DecodeSettings:
     """The visitor's settings as a DecodeSettings, or a gr.Error saying what is out of bounds."""
     try:
         numbers = dict(max_new_tokens=int(max_new_tokens), node_budget=int(node_budget),
@@ -49,7 +50,7 @@ def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshol
     if numbers["max_new_tokens"] > MAX_NEW_TOKENS:
         raise gr.Error(f"This demo makes at most {MAX_NEW_TOKENS} new tokens per run, not {numbers['max_new_tokens']}.")
     try:
-        return DecodeSettings(top_k=parse_top_k(top_k_text), **numbers).validate()
+        return DecodeSettings(top_k=parse_top_k(top_k_text), tree="auto" if auto_tree else "fixed", **numbers).validate()
     except SettingsError as error:
         raise gr.Error(f"Please adjust the settings: {error}.")
 

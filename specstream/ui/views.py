@@ -47,6 +47,10 @@ def verdict_markdown(trace: Trace) -> str:
     speedup = trace.speedup()
     tau = trace.specstream.stats().tokens_per_pass
     head = f"### ⚡ Speedup {speedup:.2f}× · {tau:.2f} tokens per forward pass" if speedup else "### ⚡ Speedup …"
+    forecasts = [r.expected_speedup for r in trace.specstream.records if r.expected_speedup is not None]
+    if speedup and forecasts:
+        head += (f"\n\nThe auto tree's cost model expected {sum(forecasts) / len(forecasts):.2f}× "
+                 "(mean over passes, from this machine's measured pass costs and the acceptance seen so far).")
     divergence = trace.divergence()
     if divergence:
         check = (f"⚠️ The replies differ from token {divergence.position + 1}: plain made "
@@ -71,7 +75,14 @@ def step_markdown(record: StepRecord | None, step_count: int) -> str:
     return (f"**Step {record.step} of {step_count - 1}** · {len(record.nodes) - 1} drafted nodes: "
             f"{counts[Fate.ACCEPTED]} accepted, {counts[Fate.REJECTED]} rejected, {counts[Fate.PRUNED]} pruned, "
             f"{counts[Fate.UNVERIFIED]} never verified · made {emitted} (the last is the bonus token) · "
-            f"{record.seconds * 1000:.0f} ms")
+            f"{record.seconds * 1000:.0f} ms" + _forecast(record))
+
+
+def _forecast(record: StepRecord) -> str:
+    if record.expected_tokens_per_pass is None:
+        return ""
+    return (f" · auto tree chose {len(record.nodes)} nodes, expecting {record.expected_tokens_per_pass:.2f} tokens "
+            f"and {record.expected_speedup:.2f}× plain")
 
 
 def write_trace_file(trace: Trace, info: dict) -> str:

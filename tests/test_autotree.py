@@ -1,0 +1,85 @@
+"""The auto tree: expected tokens from acceptance rates, the budget from measured costs, and decoding with it."""
+
+import dataclasses
+
+import pytest
+
+from specstream import costs, decoding
+from specstream.autotree import AcceptanceStats, choose, expected_tokens
+from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
+from specstream.records import NodeRecord, StepRecord
+from specstream.streams import SpeculativeModel
+from specstream.tree import Fate
+
+from .conftest import random_adapter
+
+
+def stats_with(rates: list[list[float]]) -> AcceptanceStats:
+    stats = AcceptanceStats(len(rates), len(rates[0]))
+    stats.tried = [[1.0] * len(row) for row in rates]
+    stats.accepted = [list(row) for row in rates]
+    return stats
+
+
+def test_expected_tokens_adds_path_products_best_first():
+    stats = stats_with([[0.5, 0.2], [0.5, 0.1]])
+    assert expected_tokens(stats, (2, 2), 1) == 1.0
+    assert expected_tokens(stats, (2, 2), 2) == pytest.approx(1.5)
+    # third node: the depth-2 child of the top draft (0.25) beats the second draft at depth 1 (0.2)
+    assert expected_tokens(stats, (2, 2), 3) == pytest.approx(1.75)
+    assert expected_tokens(stats, (2, 2), 99) == pytest.approx(1 + 0.7 + 0.7 * 0.6)
+    assert expected_tokens(stats, (1,), 99) == pytest.approx(1.5)  # top-k limits the tree
+
+
+def test_budget_follows_the_cost_of_a_pass():
+    stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    flat = {n: 0.010 for n in costs.SIZES}  # a GPU: a bigger tree costs nothing more
+    steep = {n: 0.010 * (1 + n / 4) for n in costs.SIZES}  # a small CPU: every node costs a quarter token
+    wide = choose(stats, (3, 3, 3), flat, 0.010, max_budget=64)
+    narrow = choose(stats, (3, 3, 3), steep, 0.010, max_budget=64)
+    assert wide.node_budget > narrow.node_budget
+    assert wide.expected_speedup == pytest.approx(expected_tokens(stats, (3, 3, 3), wide.node_budget))
+    assert choose(stats, (3, 3, 3), flat, 0.010, max_budget=6).node_budget <= 6
+
+
+def test_statistics_count_verified_stream_drafts_only():
+    stats = AcceptanceStats(2, 2)
+    before = [row[:] for row in stats.tried]
+
+    def node(index, parent, depth, rank, fate, source="stream"):
+        return NodeRecord(index, 5, "w", parent, depth, depth, 0.5, rank, None, fate, None, None, source)
+
+    nodes = (node(0, -1, 0, 0, Fate.ACCEPTED, "root"), node(1, 0, 1, 0, Fate.ACCEPTED), node(2, 0, 1, 1, Fate.REJECTED),
+             node(3, 1, 2, 0, Fate.REJECTED), node(4, 2, 2, 0, Fate.UNVERIFIED), node(5, 0, 1, 0, Fate.ACCEPTED, "lookup"))
+    record = StepRecord("specstream", 1, nodes, (0, 1), 7, (5, 7), ("w", "w"), 0.1, 2, 1, None)
+    stats.observe(record)
+    assert [[t - b for t, b in zip(row, old)] for row, old in zip(stats.tried, before)] == [[1, 1], [1, 0]]
+    assert stats.rate(1, 0) > AcceptanceStats(2, 2).rate(1, 0) and stats.rate(2, 0) < AcceptanceStats(2, 2).rate(2, 0)
+
+
+@pytest.mark.parametrize("cost_per_node, expect_wide", [(0.0, True), (1.0, False)])
+def test_auto_tree_is_lossless_and_sized_by_cost(tiny_base, monkeypatch, cost_per_node, expect_wide):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    table = {n: 0.01 * (1 + cost_per_node * (n - 1)) for n in costs.SIZES}
+    monkeypatch.setattr(decoding, "device_costs", lambda *_: (0.01, table))
+    monkeypatch.setattr(decoding, "_shared_stats", type(decoding._shared_stats)())
+    settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, stop_at_eos=False)
+    plain = [t for r in plain_decode(model, [5, 6, 7], settings) for t in r.emitted_tokens]
+    records = list(specstream_decode(model, [5, 6, 7], settings))
+    assert [t for r in records for t in r.emitted_tokens] == plain
+    trees = [r for r in records if r.nodes]
+    assert all(r.expected_speedup is not None and 1 <= len(r.nodes) <= 40 for r in trees)
+    assert (min(len(r.nodes) for r in trees) >= 24) == expect_wide
+    fixed = list(specstream_decode(model, [5, 6, 7], dataclasses.replace(settings, tree="fixed")))
+    assert all(r.expected_speedup is None for r in fixed)
+
+
+def test_pass_costs_are_measured_once_and_kept_on_disk(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSTREAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "SIZES", (1, 2, 4))
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    plain, tree = costs.device_costs(model, deferred=True)
+    assert plain > 0 and sorted(tree) == [1, 2, 4] and (tmp_path / "pass-costs.json").is_file()
+    monkeypatch.setattr(costs, "pass_seconds", lambda *a, **k: pytest.fail("measured again"))
+    fresh = SpeculativeModel(tiny_base.weights, model.adapter)  # a new process would read the file
+    assert costs.device_costs(fresh, deferred=True) == (plain, tree)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
-from specstream.engine import build_model
+from specstream.engine import DEFAULT_ADAPTER, build_model, default_adapter_path
 from specstream.loading import load_base_model, load_reference_model
 
 pytestmark = pytest.mark.real
@@ -37,3 +37,14 @@ def test_lossless_on_the_real_model(real_base, adapter):
     assert [t for r in spec_records for t in r.emitted_tokens] == plain
     assert "def" in real_base.tokenizer.decode(plain)
     assert all(n.text == real_base.token_text(n.token_id) for r in spec_records[1:] for n in r.nodes)
+
+
+def test_shipped_adapter_is_trained_for_the_default_model(real_base):
+    path = default_adapter_path(real_base)
+    assert path == DEFAULT_ADAPTER, "assets/adapter must hold an adapter trained for the default model"
+    files = {f.name for f in path.iterdir()}
+    assert {"adapter.json", "adapter.safetensors"} <= files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert sum(f.stat().st_size for f in path.iterdir()) < 20 * 2**20
+    adapter = build_model(real_base, "default").adapter
+    assert adapter.config.base == real_base.identity and adapter.config.mode == "lossless"
+    assert all(up.abs().sum() > 0 for up in adapter.lora_up.values())  # trained: the fresh LoRA starts at zero

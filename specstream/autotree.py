@@ -21,6 +21,7 @@ from .tree import Fate
 # this many observations: weak enough that a few passes of real statistics outweigh it.
 PRIOR_TOP1 = 0.5
 PRIOR_WEIGHT = 4.0
+MIN_BUDGET = 2  # the root and at least one draft
 REPLAN_EVERY = 4  # passes between budget choices; each choice costs well under a millisecond
 
 
@@ -75,13 +76,15 @@ def choose(stats: AcceptanceStats, top_k: tuple[int, ...], costs: dict[int, floa
     """The budget (a measured tree size up to `max_budget`) with the most expected tokens per second."""
     best: Plan | None = None
     for size, seconds in sorted(costs.items()):
+        if size < MIN_BUDGET:
+            continue  # a pass without drafts costs more than a plain step and would never learn its rates
         if size > max_budget:
             break
         tokens = expected_tokens(stats, top_k, size)
         plan = Plan(size, tokens, tokens * plain_seconds / seconds)
         if best is None or plan.expected_speedup > best.expected_speedup:
             best = plan
-    return best or Plan(1, 1.0, 1.0)
+    return best or Plan(max_budget, expected_tokens(stats, top_k, max_budget), 1.0)
 
 
 class TreePlanner:

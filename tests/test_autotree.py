@@ -40,6 +40,7 @@ def test_budget_follows_the_cost_of_a_pass():
     assert wide.node_budget > narrow.node_budget
     assert wide.expected_speedup == pytest.approx(expected_tokens(stats, (3, 3, 3), wide.node_budget))
     assert choose(stats, (3, 3, 3), flat, 0.010, max_budget=6).node_budget <= 6
+    assert choose(stats, (3, 3, 3), {n: 0.01 * n**2 for n in costs.SIZES}, 0.010, 64).node_budget == 2  # always drafts
 
 
 def test_statistics_count_verified_stream_drafts_only():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -170,11 +171,21 @@ def machine_info(base: BaseModel) -> dict:
     import transformers
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads()}
     if base.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(base.device)
     return info
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (platform.processor() says only x86_64 on Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def benchmark(args: argparse.Namespace) -> dict:

@@ -20,6 +20,13 @@ def _rows(result: dict) -> list[tuple[str, int, dict, dict]]:
     return rows + [("**all**", result["prompts"], result["methods"], overall)]
 
 
+def _where(machine: dict) -> str:
+    if machine.get("gpu"):
+        return machine["gpu"]
+    cpu = machine.get("cpu") or machine.get("processor", "CPU")
+    return f"{cpu} ({machine.get('cpu_capability', '?')}), {machine.get('threads', '?')} threads"
+
+
 def markdown_table(result: dict) -> str:
     methods = list(result["methods"])
     header = ["category", "prompts", *[f"{m} tok/s" for m in methods], "τ (tokens/pass)", "× plain", "× hf_generate"]
@@ -32,10 +39,9 @@ def markdown_table(result: dict) -> str:
         over_hf = f"{speed['specstream'] / speed['hf_generate']:.2f}" if spec and "hf_generate" in speed else "–"
         cells = [category, str(prompts), *[f"{speed[m]:.1f}" for m in methods], tau, over_plain, over_hf]
         lines.append("| " + " | ".join(cells) + " |")
-    machine = result.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('processor', '?')} CPU, {machine.get('threads', '?')} threads"
     lines.append("")
-    lines.append(f"{result['model']} on {result['device']} ({where}, {result['dtype']}), torch {machine.get('torch', '?')}; "
+    machine = result.get("machine", {})
+    lines.append(f"{result['model']} on {result['device']} ({_where(machine)}, {result['dtype']}), torch {machine.get('torch', '?')}; "
                  f"{result['prompts']} Spec-Bench prompts, {result['settings']['max_new_tokens']} new tokens, greedy; "
                  f"identical outputs: {result['identical_outputs']} of {result['prompts']}.")
     return "\n".join(lines) + "\n"
@@ -57,8 +63,7 @@ def bar_chart(result: dict, path: Path) -> None:
         axes.bar(positions, values, width, label=method, color=METHOD_COLOURS.get(method))
     axes.set_xticks(range(len(rows)), [name.strip("*") for name, *_ in rows], rotation=20, ha="right")
     axes.set_ylabel("tokens per second (higher is faster)")
-    machine = result.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('processor', 'CPU')}, {machine.get('threads', '?')} threads"
+    where = _where(result.get("machine", {}))
     axes.set_title(f"{result['model']} · {result['device']} ({where}) · greedy, {result['prompts']} prompts", fontsize=10)
     axes.legend(frameon=False, ncols=len(methods))
     axes.spines[["top", "right"]].set_visible(False)

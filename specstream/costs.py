@@ -58,9 +58,7 @@ def pass_seconds(
         for i in range(1, size):
             depths[i] = depths[parents[i]] + 1
         mask = tree_attention_mask(parents, device)
-        streams = "all" if size > 1 and model.adapter is not None else None
-        if deferred:
-            streams = None
+        streams = "all" if size > 1 and model.adapter is not None and not deferred else None
         timings = []
         for _ in range(repeats + 1):  # the first is a warm-up
             _sync(device)

@@ -25,17 +25,14 @@ def visible(text: str) -> str:
 END_MARK = "⏹"
 
 
-def reply_pieces(record: StepRecord) -> list[str]:
-    """The emitted tokens' texts as a reader sees them: the end-of-sequence token becomes END_MARK."""
-    pieces = list(record.emitted_texts)
-    if record.finish_reason == "eos" and pieces:
-        pieces[-1] = END_MARK
-    return pieces
+def ends_reply(record: StepRecord, position: int) -> bool:
+    """Whether the emitted token at `position` is the end-of-sequence token that ended the run."""
+    return record.finish_reason == "eos" and position == len(record.emitted_tokens) - 1
 
 
 def reply_text(records: list[StepRecord]) -> str:
     """A decoder's whole reply without its end-of-sequence token."""
-    return "".join(p for r in records for p in reply_pieces(r) if p != END_MARK)
+    return "".join(t for r in records for i, t in enumerate(r.emitted_texts) if not ends_reply(r, i))
 
 
 def token_roles(record: StepRecord) -> list[tuple[str, float | None, int | None]]:
@@ -75,11 +72,11 @@ def specstream_html(records: list[StepRecord], selected_step: int | None = None)
     for record in records:
         band = BANDS[record.step % len(BANDS)]
         roles = token_roles(record)
-        for position, text in enumerate(reply_pieces(record)):
+        for position, text in enumerate(record.emitted_texts):
             role, prob, rank = roles[position]
             classes = "ss-token"
-            if text == END_MARK and record.finish_reason == "eos" and position == len(roles) - 1:
-                role = "end of reply (end-of-sequence token); " + role
+            if ends_reply(record, position):
+                text, role = END_MARK, "end of reply (end-of-sequence token); " + role
                 classes += " ss-end"
             if record.step > 0 and position == len(record.accepted_path) - 1:
                 classes += " ss-bonus"
@@ -92,10 +89,9 @@ def specstream_html(records: list[StepRecord], selected_step: int | None = None)
 
 def plain_html(records: list[StepRecord]) -> str:
     """Plain decoding's reply: one token per pass, so no bands, just the text."""
-    pieces = [p for r in records for p in reply_pieces(r)]
     return _reply_box("".join(
-        f'<span class="ss-end" title="end of reply">{p}</span>' if p == END_MARK and i == len(pieces) - 1
-        else html.escape(p) for i, p in enumerate(pieces)))
+        f'<span class="ss-end" title="end of reply">{END_MARK}</span>' if ends_reply(r, i) else html.escape(t)
+        for r in records for i, t in enumerate(r.emitted_texts)))
 
 
 def _reply_box(inner: str) -> str:

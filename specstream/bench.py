@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .adapter import AdapterError
 from .decoding import DECODERS, DecodeSettings, SettingsError
 from .engine import build_model, default_adapter_path
+from .costs import cpu_name
 from .report import write_report
 from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
 from .streams import SpeculativeModel
@@ -171,21 +172,12 @@ def machine_info(base: BaseModel) -> dict:
     import transformers
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads()}
     if base.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(base.device)
     return info
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (platform.processor() says only x86_64 on Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def benchmark(args: argparse.Namespace) -> dict:

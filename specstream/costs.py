@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -95,9 +96,18 @@ def device_costs(model: SpeculativeModel, deferred: bool) -> tuple[float, dict[i
     return plain, tree
 
 
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() says only x86_64 on Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
 def _device_key(model: SpeculativeModel, deferred: bool) -> str:
     device = model.weights.device
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor()} x{torch.get_num_threads()}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} x{torch.get_num_threads()}"
     config = model.adapter.config if model.adapter else None
     parts = [where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",
              f"{config.gamma}/{config.stream_layers}/{config.lora_rank}" if config else "none"]

@@ -53,6 +53,8 @@ class AdapterConfig:
     # at the first stream layer (about 20 in SmolLM2-135M, whose rows have norms near 450): stored at
     # unit scale, the embeddings learned too slowly to tell the streams apart.
     stream_scale: float = 1.0
+    # Tokens the streams may propose (their LM head's rows, see draft_vocab.py); 0 = the full vocabulary.
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +64,8 @@ class AdapterConfig:
             problems.append(f"stream_layers must be 1 to {self.base.num_layers - 1}, not {self.stream_layers}")
         if not 0 < self.stream_scale < 1e4:
             problems.append(f"stream_scale must be positive, not {self.stream_scale}")
+        if not 0 <= self.draft_vocab_size <= self.base.vocab_size:
+            problems.append(f"draft_vocab_size must be 0 (full) to {self.base.vocab_size}, not {self.draft_vocab_size}")
         if self.lora_rank < 0 or self.prune_rank < 0:
             problems.append("ranks must not be negative")
         if set(self.lora_targets) - set(LORA_TARGETS):
@@ -128,6 +132,13 @@ class StreamAdapter(nn.Module):
                 self.lora_up[key] = nn.Parameter(torch.zeros(fan_out, config.lora_rank))  # starts as a no-op
         self.prune_down = nn.Parameter(torch.randn(config.prune_rank, d) / math.sqrt(d))
         self.prune_up = nn.Parameter(torch.zeros(d, config.prune_rank))
+        if config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))  # sorted token ids
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """The draft vocabulary's token ids, or None for the full vocabulary."""
+        return self.draft_vocab if self.config.draft_vocab_size else None
 
     def stream_identity(self, count: int) -> torch.Tensor:
         """The first `count` stream identifier embeddings P_j, (count, d)."""
@@ -149,7 +160,8 @@ def base_identity(name: str, shape: LlamaShape, vocab_hash: str) -> BaseIdentity
 def save_adapter(adapter: StreamAdapter, folder: str | Path, extra_metadata: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in adapter.named_parameters()}
+    tensors = {name: (t.float() if t.is_floating_point() else t).detach().cpu().contiguous()
+               for name, t in adapter.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     config = adapter.config.to_json() | ({"training": extra_metadata} if extra_metadata else {})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -180,6 +192,11 @@ def _check_base(config: AdapterConfig, expected: BaseIdentity) -> None:
             )
 
 
+def _check_draft_vocab(ids: torch.Tensor, vocab_size: int, path: Path) -> None:
+    if ids.is_floating_point() or ids.min() < 0 or ids.max() >= vocab_size or len(ids.unique()) != len(ids):
+        raise AdapterError(f"adapter tensor draft_vocab in {path} must hold distinct token ids below {vocab_size}")
+
+
 def load_adapter(path: str | Path, shape: LlamaShape, expected: BaseIdentity) -> StreamAdapter:
     """Load and validate an adapter folder (or its .safetensors file)."""
     folder = Path(path)
@@ -197,7 +214,7 @@ def load_adapter(path: str | Path, shape: LlamaShape, expected: BaseIdentity) ->
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"adapter weights {weights_path} are truncated or corrupt ({error})") from None
     adapter = StreamAdapter(config, shape)
-    expected_shapes = {name: p.shape for name, p in adapter.named_parameters()}
+    expected_shapes = {name: t.shape for name, t in adapter.state_dict().items()}
     missing = sorted(set(expected_shapes) - set(tensors))
     if missing:
         raise AdapterError(f"adapter weights {weights_path} lack {len(missing)} tensors, e.g. {missing[0]}")
@@ -210,5 +227,7 @@ def load_adapter(path: str | Path, shape: LlamaShape, expected: BaseIdentity) ->
             )
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"adapter tensor {name} holds NaN or infinite values")
+    if config.draft_vocab_size:
+        _check_draft_vocab(tensors["draft_vocab"], shape.vocab_size, weights_path)
     adapter.load_state_dict(tensors)
     return adapter

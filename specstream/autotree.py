@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from .costs import PassCosts
 from .records import StepRecord
 from .tree import Fate
 
@@ -71,17 +72,16 @@ def expected_tokens(stats: AcceptanceStats, top_k: tuple[int, ...], node_budget:
     return total
 
 
-def choose(stats: AcceptanceStats, top_k: tuple[int, ...], costs: dict[int, float], plain_seconds: float,
-           max_budget: int) -> Plan:
+def choose(stats: AcceptanceStats, top_k: tuple[int, ...], costs: PassCosts, max_budget: int) -> Plan:
     """The budget (a measured tree size up to `max_budget`) with the most expected tokens per second."""
     best: Plan | None = None
-    for size, seconds in sorted(costs.items()):
+    for size in sorted(costs.tree):
         if size < MIN_BUDGET:
             continue  # a pass without drafts costs more than a plain step and would never learn its rates
         if size > max_budget:
             break
         tokens = expected_tokens(stats, top_k, size)
-        plan = Plan(size, tokens, tokens * plain_seconds / seconds)
+        plan = Plan(size, tokens, tokens * costs.plain / costs.seconds(size, tokens))
         if best is None or plan.expected_speedup > best.expected_speedup:
             best = plan
     return best or Plan(max_budget, expected_tokens(stats, top_k, max_budget), 1.0)
@@ -92,15 +92,13 @@ class TreePlanner:
     statistics of this model's runs so far (kept per model and process, so later runs start
     from what earlier ones saw)."""
 
-    def __init__(self, top_k: tuple[int, ...], max_budget: int, stats: AcceptanceStats, plain_seconds: float,
-                 tree_seconds: dict[int, float]):
-        self.top_k, self.max_budget, self.stats = top_k, max_budget, stats
-        self.plain_seconds, self.tree_seconds = plain_seconds, tree_seconds
+    def __init__(self, top_k: tuple[int, ...], max_budget: int, stats: AcceptanceStats, costs: PassCosts):
+        self.top_k, self.max_budget, self.stats, self.costs = top_k, max_budget, stats, costs
         self.passes = 0
         self.plan = self._choose()
 
     def _choose(self) -> Plan:
-        return choose(self.stats, self.top_k, self.tree_seconds, self.plain_seconds, self.max_budget)
+        return choose(self.stats, self.top_k, self.costs, self.max_budget)
 
     def observe(self, record: StepRecord) -> None:
         self.stats.observe(record)

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from .tree import tree_attention_mask
 # Tree sizes the auto tree chooses from (root included); 1 is a pass with streams but no drafts.
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+COST_MODEL = "v2: lazy verification head, draft vocabulary"
 
 
 def _sync(device: torch.device) -> None:
@@ -40,9 +42,9 @@ def _bushy_parents(size: int, branching: int = 3) -> list[int]:
 def pass_seconds(
     model: SpeculativeModel, sizes: list[int], prompt_length: int = 200, repeats: int = 7, deferred: bool = False
 ) -> dict[int, float]:
-    """Median wall time of one decoding pass (tree forward, verification logits over the tree,
-    stream logits at one node) per tree size; size 1 without streams is a plain decoding step.
-    `deferred` computes the streams as the CPU decoder does: one node's, after the tree pass."""
+    """Median wall time of one decoding pass (tree forward, verification logits, draft logits at
+    one node) per tree size; size 1 without streams is a plain decoding step. `deferred` computes
+    the streams as a deferred decoder does: one node's, after the tree pass."""
     device = model.weights.device
     vocab = model.shape.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -51,49 +53,89 @@ def pass_seconds(
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     model.forward(cache, prompt, torch.arange(prompt_length, device=device), causal)
     cache.advance(prompt_length)
-    results = {}
-    for size in sizes:
-        parents = _bushy_parents(size)
-        tokens = torch.randint(0, vocab, (size,), generator=generator).to(device)
-        depths = torch.zeros(size, dtype=torch.long)
-        for i in range(1, size):
-            depths[i] = depths[parents[i]] + 1
-        mask = tree_attention_mask(parents, device)
-        streams = "all" if size > 1 and model.adapter is not None and not deferred else None
-        timings = []
-        for _ in range(repeats + 1):  # the first is a warm-up
+    passes = {size: _measured_pass(model, cache, size, prompt_length, generator, deferred) for size in sizes}
+    timings: dict[int, list[float]] = {size: [] for size in sizes}
+    # Round-robin over the sizes, so that a burst of load from a neighbour on a shared machine
+    # spreads over all sizes instead of inflating one of them.
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for size, run in passes.items():
             _sync(device)
             started = time.perf_counter()
-            out = model.forward(cache, tokens, depths.to(device) + prompt_length, mask, stream_sources=streams)
-            model.logits(out.main_hidden).argmax(-1).tolist()
-            stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
-            if deferred and model.adapter is not None:
-                stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
-            if stream_hidden is not None:
-                model.logits(stream_hidden).topk(4, dim=-1)
+            run()
             _sync(device)
-            timings.append(time.perf_counter() - started)
-        results[size] = statistics.median(timings[1:])
-    return results
+            timings[size].append(time.perf_counter() - started)
+    return {size: statistics.median(times[1:]) for size, times in timings.items()}
 
 
-def device_costs(model: SpeculativeModel, deferred: bool) -> tuple[float, dict[int, float]]:
-    """(seconds of a plain decoding step, seconds of a tree pass by size) on the running device:
-    measured once per model and process, and kept on disk for the next start."""
+def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int, generator, deferred: bool):
+    """One decoding pass over a bushy tree of `size` random nodes, as a callable."""
+    device = model.weights.device
+    parents = _bushy_parents(size)
+    tokens = torch.randint(0, model.shape.vocab_size, (size,), generator=generator).to(device)
+    depths = torch.zeros(size, dtype=torch.long)
+    for i in range(1, size):
+        depths[i] = depths[parents[i]] + 1
+    positions = depths.to(device) + prompt_length
+    mask = tree_attention_mask(parents, device)
+    streams = "all" if size > 1 and model.adapter is not None and not deferred else None
+
+    def run() -> None:
+        out = model.forward(cache, tokens, positions, mask, stream_sources=streams)
+        # As the decoder verifies: one row of the LM head per accepted token on a CPU (random
+        # drafts: the root alone; `per_token` prices the rest), every row on a GPU.
+        model.logits(out.main_hidden[:1] if device.type == "cpu" else out.main_hidden).argmax(-1).tolist()
+        stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
+        if deferred and model.adapter is not None:
+            stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
+        if stream_hidden is not None:
+            model.draft_topk(stream_hidden, 4)
+
+    return run
+
+
+@dataclass(frozen=True)
+class PassCosts:
+    plain: float  # seconds of a plain decoding step
+    tree: dict[int, float]  # seconds of a tree pass by tree size, verifying its root only
+    per_token: float  # seconds each further accepted token adds (one LM head row; 0 where rows run at once)
+
+    def seconds(self, size: int, tokens: float) -> float:
+        """A pass over `size` nodes that yields `tokens` tokens (accepted drafts plus the bonus)."""
+        return self.tree[size] + max(tokens - 1.0, 0.0) * self.per_token
+
+
+@torch.inference_mode()
+def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:
+    """One row of the LM head and its argmax: what each accepted token adds on a CPU."""
+    device = model.weights.device
+    if device.type != "cpu":
+        return 0.0
+    row = torch.randn(model.shape.hidden_size, generator=torch.Generator().manual_seed(0)).to(model.weights.dtype)
+    timings = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        model.logits(row).argmax().item()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings[1:])
+
+
+def device_costs(model: SpeculativeModel, deferred: bool) -> PassCosts:
+    """The running device's pass costs: measured once per model and process, and kept on disk
+    for the next start."""
     key = _device_key(model, deferred)
     if key in _measured.get(model, {}):
         return _measured[model][key]
     path = cache_root() / "pass-costs.json"
     table = _read_json(path)
-    if key in table:
-        plain, tree = table[key]["plain"], {int(k): v for k, v in table[key]["tree"].items()}
-    else:
+    try:
+        costs = PassCosts(table[key]["plain"], {int(k): v for k, v in table[key]["tree"].items()}, table[key]["per_token"])
+    except (KeyError, TypeError, ValueError, AttributeError):
         plain = pass_seconds(SpeculativeModel(model.weights, None), [1], repeats=9)[1]
-        tree = pass_seconds(model, list(SIZES), repeats=5, deferred=deferred)
-        table[key] = {"plain": plain, "tree": tree}
+        costs = PassCosts(plain, pass_seconds(model, list(SIZES), repeats=5, deferred=deferred), head_row_seconds(model))
+        table[key] = {"plain": costs.plain, "tree": costs.tree, "per_token": costs.per_token}
         _write_json(path, table)
-    _measured.setdefault(model, {})[key] = (plain, tree)
-    return plain, tree
+    _measured.setdefault(model, {})[key] = costs
+    return costs
 
 
 def cpu_name() -> str:
@@ -109,8 +151,9 @@ def _device_key(model: SpeculativeModel, deferred: bool) -> str:
     device = model.weights.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} x{torch.get_num_threads()}"
     config = model.adapter.config if model.adapter else None
-    parts = [where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",
-             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}" if config else "none"]
+    # COST_MODEL names what a measured pass includes; a new one makes old tables stale.
+    parts = [COST_MODEL, where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",
+             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}/{config.draft_vocab_size}" if config else "none"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ class NodeRecord:
     rank: int  # 0 for the stream's top choice
     prune_score: float | None  # the early-exit estimate of p(token | parent); None when not computed
     fate: Fate
-    main_choice: int | None  # the main stream's greedy token at this node; None if it never got there
+    main_choice: int | None  # the main stream's greedy token after this node; None where verification did not need it
     main_choice_text: str | None
     source: str = "stream"  # "root", "stream" (proposed by stream `stream`) or "lookup" (copied from earlier text)
 

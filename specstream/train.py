@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .adapter import AdapterConfig, AdapterError, StreamAdapter, save_adapter
 from .loading import ModelLoadError, cache_root, load_base_model
+from .draft_vocab import frequency_ranked
 from .selfdistill import build_dataset, refuse_benchmark
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.features import Features, Sequence, main_stream_features, to_sequences
@@ -116,10 +117,15 @@ def train(args: argparse.Namespace) -> dict:
     keep_kv = args.mode == "lossless"
     eval_features = precompute(base.weights, sequences[:held_out], first_layer, keep_kv, settings.batch_size, store, "eval features")
     features = precompute(base.weights, train_part, first_layer, keep_kv, settings.batch_size, store, "train features")
+    vocab_size = base.weights.shape.vocab_size
+    draft_size = args.draft_vocab if 0 < args.draft_vocab < vocab_size else 0
     config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
                            lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode,
-                           stream_scale=hidden_rms(features))
-    adapter = StreamAdapter(config, base.weights.shape).to(accelerator.device)
+                           stream_scale=hidden_rms(features), draft_vocab_size=draft_size)
+    adapter = StreamAdapter(config, base.weights.shape)
+    if draft_size:
+        adapter.draft_vocab.copy_(frequency_ranked((s.tokens for s in train_part), draft_size, vocab_size))
+    adapter = adapter.to(accelerator.device)
     objective = StreamObjective(adapter, base.weights)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     start = 0
@@ -189,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 halves data generation time on CPUs with AVX-512 bf16; far slower without")
     p.add_argument("--limit-sequences", type=int, default=0, help="train on the first N sequences only (ablations)")
+    p.add_argument("--draft-vocab", type=int, default=16384,
+                   help="tokens the streams may propose: the data's most frequent (0 = the whole vocabulary)")
     p.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--lr", type=float, default=TrainSettings.learning_rate)

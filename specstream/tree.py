@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch
 
@@ -125,16 +126,15 @@ def prune_by_score(parents: list[int], scores: list[float], threshold: float) ->
     return keep
 
 
-def accept_longest_path(parents: list[int], tokens: list[int], kept: list[bool], choice: list[int]) -> list[int]:
+def accept_longest_path(parents: list[int], tokens: list[int], kept: list[bool], choice_of: Callable[[int], int]) -> list[int]:
     """Greedy verification: from the root, follow the kept child whose token equals the main
-    stream's choice at its parent. Returns the node indices of the accepted path, root first."""
+    stream's choice at its parent. `choice_of(node)` is asked only for nodes on the accepted
+    path, so it may compute choices lazily. Returns the accepted path's node indices, root first."""
     path = [0]
     while True:
         node = path[-1]
-        child = next(
-            (i for i, p in enumerate(parents) if p == node and kept[i] and tokens[i] == choice[node]),
-            None,
-        )
+        wanted = choice_of(node)
+        child = next((i for i, p in enumerate(parents) if p == node and kept[i] and tokens[i] == wanted), None)
         if child is None:
             return path
         path.append(child)

@@ -7,6 +7,7 @@ import torch
 
 from specstream.adapter import AdapterError, load_adapter, save_adapter
 from specstream.adapter import BaseIdentity
+from safetensors.torch import load_file, save_file
 
 from .conftest import random_adapter
 
@@ -89,3 +90,17 @@ def test_config_that_is_not_json(tiny_base, tmp_path):
     (folder / "adapter.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         load(tiny_base, folder)
+
+
+def test_draft_vocabulary_round_trip_and_bad_ids(tiny_base, tmp_path):
+    adapter = random_adapter(tiny_base, 0, draft_vocab_size=8)
+    adapter.draft_vocab.copy_(torch.tensor([2, 3, 5, 7, 11, 13, 17, 19]))
+    folder = save_adapter(adapter, tmp_path / "a")
+    loaded = load(tiny_base, folder)
+    assert loaded.draft_ids.tolist() == [2, 3, 5, 7, 11, 13, 17, 19] and loaded.draft_ids.dtype == torch.long
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    for bad in ([2, 2, 5, 7, 11, 13, 17, 19], [2, 3, 5, 7, 11, 13, 17, 10**6], [-1, 3, 5, 7, 11, 13, 17, 19]):
+        tensors["draft_vocab"] = torch.tensor(bad)
+        save_file(tensors, str(folder / "adapter.safetensors"))
+        with pytest.raises(AdapterError, match="distinct token ids below"):
+            load(tiny_base, folder)

@@ -6,6 +6,7 @@ import pytest
 
 from specstream import costs, decoding
 from specstream.autotree import AcceptanceStats, choose, expected_tokens
+from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.records import NodeRecord, StepRecord
 from specstream.streams import SpeculativeModel
@@ -33,14 +34,23 @@ def test_expected_tokens_adds_path_products_best_first():
 
 def test_budget_follows_the_cost_of_a_pass():
     stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
-    flat = {n: 0.010 for n in costs.SIZES}  # a GPU: a bigger tree costs nothing more
-    steep = {n: 0.010 * (1 + n / 4) for n in costs.SIZES}  # a small CPU: every node costs a quarter token
-    wide = choose(stats, (3, 3, 3), flat, 0.010, max_budget=64)
-    narrow = choose(stats, (3, 3, 3), steep, 0.010, max_budget=64)
+    flat = PassCosts(0.010, {n: 0.010 for n in costs.SIZES}, 0.0)  # a GPU: a bigger tree costs nothing more
+    steep = PassCosts(0.010, {n: 0.010 * (1 + n / 4) for n in costs.SIZES}, 0.0)  # a small CPU: a quarter token per node
+    wide = choose(stats, (3, 3, 3), flat, max_budget=64)
+    narrow = choose(stats, (3, 3, 3), steep, max_budget=64)
     assert wide.node_budget > narrow.node_budget
     assert wide.expected_speedup == pytest.approx(expected_tokens(stats, (3, 3, 3), wide.node_budget))
-    assert choose(stats, (3, 3, 3), flat, 0.010, max_budget=6).node_budget <= 6
-    assert choose(stats, (3, 3, 3), {n: 0.01 * n**2 for n in costs.SIZES}, 0.010, 64).node_budget == 2  # always drafts
+    assert choose(stats, (3, 3, 3), flat, max_budget=6).node_budget <= 6
+    squared = PassCosts(0.010, {n: 0.01 * n**2 for n in costs.SIZES}, 0.0)
+    assert choose(stats, (3, 3, 3), squared, 64).node_budget == 2  # always drafts
+
+
+def test_each_accepted_token_adds_its_head_row():
+    stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    table = PassCosts(0.010, {n: 0.020 for n in costs.SIZES}, 0.005)
+    plan = choose(stats, (3, 3, 3), table, max_budget=64)
+    tokens = expected_tokens(stats, (3, 3, 3), plan.node_budget)
+    assert plan.expected_speedup == pytest.approx(tokens * 0.010 / (0.020 + (tokens - 1) * 0.005))
 
 
 def test_statistics_count_verified_stream_drafts_only():
@@ -62,7 +72,7 @@ def test_statistics_count_verified_stream_drafts_only():
 def test_auto_tree_is_lossless_and_sized_by_cost(tiny_base, monkeypatch, cost_per_node, expect_wide):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
     table = {n: 0.01 * (1 + cost_per_node * (n - 1)) for n in costs.SIZES}
-    monkeypatch.setattr(decoding, "device_costs", lambda *_: (0.01, table))
+    monkeypatch.setattr(decoding, "device_costs", lambda *_: PassCosts(0.01, table, 0.0))
     monkeypatch.setattr(decoding, "_shared_stats", type(decoding._shared_stats)())
     settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, stop_at_eos=False)
     plain = [t for r in plain_decode(model, [5, 6, 7], settings) for t in r.emitted_tokens]
@@ -79,8 +89,9 @@ def test_pass_costs_are_measured_once_and_kept_on_disk(tiny_base, tmp_path, monk
     monkeypatch.setenv("SPECSTREAM_CACHE", str(tmp_path))
     monkeypatch.setattr(costs, "SIZES", (1, 2, 4))
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
-    plain, tree = costs.device_costs(model, deferred=True)
-    assert plain > 0 and sorted(tree) == [1, 2, 4] and (tmp_path / "pass-costs.json").is_file()
+    measured = costs.device_costs(model, deferred=True)
+    assert measured.plain > 0 and measured.per_token > 0 and sorted(measured.tree) == [1, 2, 4]
+    assert (tmp_path / "pass-costs.json").is_file()
     monkeypatch.setattr(costs, "pass_seconds", lambda *a, **k: pytest.fail("measured again"))
     fresh = SpeculativeModel(tiny_base.weights, model.adapter)  # a new process would read the file
-    assert costs.device_costs(fresh, deferred=True) == (plain, tree)
+    assert costs.device_costs(fresh, deferred=True) == measured

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from specstream.decoding import DecodeSettings, SettingsError, plain_decode, specstream_decode
 from specstream.streams import SpeculativeModel
@@ -163,3 +164,16 @@ def test_deferred_streams_draft_what_the_joint_pass_drafts(tiny_base):
         assert [round(n.draft_prob, 9) for n in joint.nodes] == [round(n.draft_prob, 9) for n in deferred.nodes]
         assert joint.emitted_tokens == deferred.emitted_tokens
     assert any(r.accepted_length for r in runs["joint"][1:])
+
+
+def test_draft_vocabulary_limits_drafts_not_outputs(tiny_base):
+    adapter = random_adapter(tiny_base, 5, draft_vocab_size=12)
+    allowed = [2] + list(range(9, 20))
+    adapter.draft_vocab.copy_(torch.tensor(allowed))
+    model = SpeculativeModel(tiny_base.weights, adapter)
+    plain, spec = decode_both(model, [5, 9, 11], WIDE)
+    assert tokens_of(spec) == tokens_of(plain)
+    drafted = {n.token_id for r in spec for n in r.nodes if n.source == "stream"}
+    assert drafted and drafted <= set(allowed)
+    full = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 5))  # same weights, whole vocabulary
+    assert {n.token_id for r in specstream_decode(full, [5, 9, 11], WIDE) for n in r.nodes} - set(allowed)

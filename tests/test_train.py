@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from specstream import train
-from specstream.decoding import DecodeSettings, plain_decode
+from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.engine import build_model
 from specstream.loading import load_base_model
 from specstream.selfdistill import Sample
@@ -86,3 +86,19 @@ def test_bad_inputs(tiny_dir, tmp_path):
         train.main(argv(tiny_dir, data, tmp_path / "o", "--prompt-file", "../shared/data/spec_bench/question.jsonl"))
     with pytest.raises(SystemExit, match="prompt file .* does not exist"):
         train.main(argv(tiny_dir, data, tmp_path / "o", "--prompt-file", str(tmp_path / "none.txt")))
+
+
+def test_draft_vocabulary_holds_the_data_tokens(tiny_dir, tmp_path):
+    data = write_samples(tmp_path / "data")
+    first = train.main(argv(tiny_dir, data, tmp_path / "one", "--draft-vocab", "22", "--epochs", "1", "--stop-after", "1"))
+    result = train.main(argv(tiny_dir, data, tmp_path / "a", "--draft-vocab", "22", "--epochs", "8"))
+    assert result["eval"]["stream1_loss"] < first["eval"]["stream1_loss"] * 0.8
+    config = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    ids = load_file(str(tmp_path / "a" / "adapter.safetensors"))["draft_vocab"].tolist()
+    assert config["draft_vocab_size"] == 22 and ids == sorted(ids)
+    assert set(ids) == set(range(6, 24)) | {2, 3, 4, 0}  # every token of the data, then the lowest unseen id
+    base = load_base_model(str(tiny_dir), device="cpu")
+    model = build_model(base, tmp_path / "a")
+    settings = DecodeSettings(max_new_tokens=16, tree="fixed", stop_at_eos=False)
+    drafted = [n.token_id for r in specstream_decode(model, [3, 7, 8, 4], settings) for n in r.nodes if n.source == "stream"]
+    assert drafted and set(drafted) <= set(ids)

@@ -46,8 +46,10 @@ def test_accept_and_fates():
     tokens = [5, 6, 7, 8, 9, 10, 11]
     kept = [True] * 6 + [False]
     choice = [6, 9, 1, 11, 2, 3, None]
-    path = accept_longest_path(parents, tokens, kept, choice)
+    asked = []
+    path = accept_longest_path(parents, tokens, kept, lambda node: asked.append(node) or choice[node])
     assert path == [0, 1, 4]
+    assert asked == [0, 1, 4]  # only the accepted path's choices are needed (the CPU computes them lazily)
     fates = node_fates(parents, kept, path)
     assert fates == [Fate.ACCEPTED, Fate.ACCEPTED, Fate.REJECTED, Fate.REJECTED, Fate.ACCEPTED, Fate.UNVERIFIED, Fate.PRUNED]
 

@@ -13,7 +13,7 @@ from specstream.streams import SpeculativeModel, stream_attention_mask
 from specstream.tree import Fate, tree_attention_mask
 from specstream.ui import figures, views
 from specstream.ui.handlers import make_settings
-from specstream.ui.highlight import END_MARK, plain_html, reply_text, specstream_html, token_roles
+from specstream.ui.highlight import END_MARK, plain_html, reply_text, specstream_html, token_roles, visible
 from specstream.ui.race import race
 
 from .conftest import random_adapter
@@ -61,7 +61,11 @@ def test_tree_figure_shows_every_node_by_fate(trace):
     node = record.nodes[record.accepted_path[1]]
     hover = " ".join(markers["accepted"].hovertext)
     assert f"draft p={node.draft_prob:.3f}" in hover and f"stream {node.stream}" in hover
-    assert "pruning score" in hover and "main stream's choice here" in hover
+    assert "pruning score" in hover
+    rejected = [n for n in record.nodes if n.fate is Fate.REJECTED]
+    if rejected:  # a rejected draft says what the model wanted in its place: its parent's choice
+        wanted = record.nodes[rejected[0].parent].main_choice_text
+        assert f"the model wanted: {visible(wanted)}" in markers["rejected"].hovertext[0]
 
 
 def test_tree_positions_centre_parents_on_children(trace):

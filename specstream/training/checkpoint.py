@@ -45,8 +45,7 @@ def load_checkpoint(folder: Path, adapter: StreamAdapter, optimizer: torch.optim
     if saved.config != adapter.config:
         raise ValueError(f"the checkpoint in {folder} was made with other adapter settings: {saved.config}")
     with torch.no_grad():
-        for (name, target), (_, source) in zip(adapter.named_parameters(), saved.named_parameters()):
-            target.copy_(source)
+        adapter.load_state_dict(saved.state_dict())
     progress = json.loads((folder / PROGRESS_FILE).read_text())
     tensors = load_file(str(folder / STATE_FILE))
     torch.set_rng_state(tensors.pop("rng"))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import StreamAdapter
+from ..draft_vocab import column_lookup
 from ..llama import LlamaWeights, causal_block_mask, decoder_layer, rms_norm, rotary_tables
 from ..streams import LoraDelta, stream_attention_mask
 from .features import Features
@@ -35,6 +36,9 @@ class StreamObjective(nn.Module):
         self.stream_weights = stream_weights or default_stream_weights(adapter.config.gamma)
         self.main_weight, self.prune_weight = main_weight, prune_weight
         self.first_layer = weights.shape.num_layers - adapter.config.stream_layers
+        ids = adapter.draft_ids
+        self.__dict__["draft_head"] = weights.lm_head if ids is None else weights.lm_head[ids.to(weights.device)]
+        self.__dict__["draft_columns"] = None if ids is None else column_lookup(ids, weights.shape.vocab_size)
 
     def forward(self, features: Features) -> tuple[torch.Tensor, dict[str, float]]:
         base, gamma = self.base, self.adapter.config.gamma
@@ -91,14 +95,18 @@ class StreamObjective(nn.Module):
         valid = (t >= features.first_source.to(device)[:, None, None]) & (target_index < features.lengths.to(device)[:, None, None])
         b, s, jj = valid.nonzero(as_tuple=True)
         targets = tokens[b, target_index[0, s, jj]]
-        logits = stream_hidden[b, s, jj] @ self.base.lm_head.T
-        losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        correct = (logits.argmax(-1) == targets).float()
+        # Over the draft vocabulary only (what the streams may propose at inference): a target
+        # outside it cannot be drafted, so it adds no loss and counts as a miss in top-1.
+        columns = targets if self.draft_columns is None else self.draft_columns.to(device)[targets]
+        inside = columns >= 0
+        logits = stream_hidden[b, s, jj] @ self.draft_head.T
+        losses = F.cross_entropy(logits.float(), columns.clamp(min=0), reduction="none")
+        correct = ((logits.argmax(-1) == columns) & inside).float()
         total, metrics = 0.0, {}
         for stream in range(gamma):
             chosen = jj == stream
-            if chosen.any():
-                stream_loss = losses[chosen].mean()
+            if (chosen & inside).any():
+                stream_loss = losses[chosen & inside].mean()
                 total = total + self.stream_weights[stream] * stream_loss
                 metrics[f"stream{stream + 1}_loss"] = float(stream_loss.detach())
                 metrics[f"stream{stream + 1}_top1"] = float(correct[chosen].mean())

@@ -59,7 +59,7 @@ def tree_positions(nodes: tuple[NodeRecord, ...]) -> dict[int, tuple[float, floa
     return positions
 
 
-def _node_hover(node: NodeRecord) -> str:
+def _node_hover(node: NodeRecord, nodes) -> str:
     if node.parent < 0:
         head = f"<b>root</b> {visible(node.text)!s}<br>the last accepted token"
     elif node.source == "lookup":
@@ -68,8 +68,11 @@ def _node_hover(node: NodeRecord) -> str:
         head = (f"<b>{visible(node.text)}</b> · {node.fate.value}<br>stream {node.stream} · "
                 f"draft p={node.draft_prob:.3f} · rank {node.rank + 1}")
     score = "not computed" if node.prune_score is None else f"{node.prune_score:.3f}"
-    choice = "never reached" if node.main_choice_text is None else visible(node.main_choice_text)
-    return f"{head}<br>pruning score: {score}<br>main stream's choice here: {choice}"
+    text = f"{head}<br>pruning score: {score}"
+    wanted = nodes[node.parent].main_choice_text if node.parent >= 0 else None
+    if node.fate == Fate.REJECTED and wanted is not None:
+        text += f"<br>the model wanted: {visible(wanted)}"
+    return text
 
 
 def _edges(record: StepRecord, positions, on_path: bool) -> go.Scatter:
@@ -101,7 +104,7 @@ def tree_figure(record: StepRecord | None) -> go.Figure:
             marker=dict(size=[20 if n.parent < 0 else 14 for n in nodes], color=colour,
                         symbol=["diamond" if n.source == "lookup" else "circle" for n in nodes],
                         line=dict(color="#374151", width=1)),
-            hovertext=[_node_hover(n) for n in nodes], hoverinfo="text",
+            hovertext=[_node_hover(n, record.nodes) for n in nodes], hoverinfo="text",
         ))
     rows = max(1, len({y for _, y in positions.values()}))
     depth = max(n.depth for n in record.nodes)

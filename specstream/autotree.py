@@ -23,6 +23,10 @@ from .tree import Fate
 PRIOR_TOP1 = 0.5
 PRIOR_WEIGHT = 4.0
 MIN_BUDGET = 2  # the root and at least one draft
+# Observations each (depth, rank) remembers, about one 128-token reply's passes: the statistics are
+# shared by a model's runs in a process, and a code prompt after a chat prompt should not be
+# planned with the chat's acceptance rates for long.
+WINDOW = 100.0
 REPLAN_EVERY = 4  # passes between budget choices; each choice costs well under a millisecond
 
 
@@ -53,8 +57,12 @@ class AcceptanceStats:
             verified = node.fate in (Fate.ACCEPTED, Fate.REJECTED)
             if node.source != "stream" or not verified or node.depth > len(self.tried) or node.rank >= len(self.tried[0]):
                 continue
-            self.tried[node.depth - 1][node.rank] += 1
-            self.accepted[node.depth - 1][node.rank] += node.fate == Fate.ACCEPTED
+            d, r = node.depth - 1, node.rank
+            self.tried[d][r] += 1
+            self.accepted[d][r] += node.fate == Fate.ACCEPTED
+            if self.tried[d][r] > WINDOW:  # forget the oldest evenly: an exponential moving window
+                self.accepted[d][r] *= WINDOW / self.tried[d][r]
+                self.tried[d][r] = WINDOW
 
 
 def expected_tokens(stats: AcceptanceStats, top_k: tuple[int, ...], node_budget: int) -> float:

@@ -95,3 +95,17 @@ def test_pass_costs_are_measured_once_and_kept_on_disk(tiny_base, tmp_path, monk
     monkeypatch.setattr(costs, "pass_seconds", lambda *a, **k: pytest.fail("measured again"))
     fresh = SpeculativeModel(tiny_base.weights, model.adapter)  # a new process would read the file
     assert costs.device_costs(fresh, deferred=True) == measured
+
+
+def test_statistics_follow_a_change_of_content():
+    stats = AcceptanceStats(1, 1)
+
+    def step(fate):
+        node = NodeRecord(1, 5, "w", 0, 1, 1, 0.5, 0, None, fate, None, None, "stream")
+        return StepRecord("specstream", 1, (node,), (0,), 7, (7,), ("w",), 0.1, 1, 1, None)
+
+    for _ in range(1000):  # a long run of prompts where the top draft is always accepted
+        stats.observe(step(Fate.ACCEPTED))
+    for _ in range(100):  # then one reply where it never is
+        stats.observe(step(Fate.REJECTED))
+    assert stats.rate(1, 0) < 0.5  # with plain counts it would still say 0.9

@@ -36,7 +36,10 @@ class DecodeSettings:
     node_budget: int = 48  # drafted nodes plus the root (with the auto tree: the most it may draft)
     prune_threshold: float = 0.0  # drop subtrees whose early-exit transition probability is below this; 0 = off
     gamma: int | None = None  # tree depth; None = every stream of the adapter
-    lookup_tokens: int = 0  # a branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off
+    # A branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off. On by
+    # default: with one LM-head row per accepted token its nodes cost little, and on 8 hand-written
+    # prompts it lifted tokens/s by 4 to 12 % (tau 1.41 -> 1.58 with the shipped adapter).
+    lookup_tokens: int = 8
     lookup_ngram: int = 3  # longest n-gram matched for prompt lookup, as in transformers' prompt lookup
     # "joint": every tree node carries its streams through the top layers (the paper's single
     # pass). "deferred": only the deepest accepted node's streams, in a short second pass over the

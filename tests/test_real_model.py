@@ -48,3 +48,4 @@ def test_shipped_adapter_is_trained_for_the_default_model(real_base):
     adapter = build_model(real_base, "default").adapter
     assert adapter.config.base == real_base.identity and adapter.config.mode == "lossless"
     assert all(up.abs().sum() > 0 for up in adapter.lora_up.values())  # trained: the fresh LoRA starts at zero
+    assert len(adapter.draft_ids) == adapter.config.draft_vocab_size > 0  # streams draft from its data's vocabulary

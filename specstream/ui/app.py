@@ -79,7 +79,7 @@ def _inputs() -> SimpleNamespace:
                                        label="Node budget (tree size, root included; the most the auto tree may use)")
             ui.prune_threshold = gr.Slider(0.0, 0.99, value=0.0, step=0.01,
                                            label="Pruning threshold (0 = off; drops unlikely subtrees early)")
-            ui.lookup_tokens = gr.Slider(0, 16, value=0, step=1,
+            ui.lookup_tokens = gr.Slider(0, 16, value=DecodeSettings.lookup_tokens, step=1,
                                          label="Prompt-lookup branch (tokens copied from earlier text; 0 = off)")
     return ui
 

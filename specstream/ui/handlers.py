@@ -38,7 +38,7 @@ def parse_top_k(text: str) -> tuple[int, ...]:
     return values
 
 
-def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshold, lookup_tokens=0,
+def make_settings(max_new_tokens, gamma, top_k_text, node_budget, prune_threshold, lookup_tokens=DecodeSettings.lookup_tokens,
                   auto_tree=True) -> DecodeSettings:
     """The visitor's settings as a DecodeSettings, or a gr.Error saying what is out of bounds."""
     try:

@@ -81,9 +81,9 @@ def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int
 
     def run() -> None:
         out = model.forward(cache, tokens, positions, mask, stream_sources=streams)
-        # As the decoder verifies: one row of the LM head per accepted token on a CPU (random
-        # drafts: the root alone; `per_token` prices the rest), every row on a GPU.
-        model.logits(out.main_hidden[:1] if device.type == "cpu" else out.main_hidden).argmax(-1).tolist()
+        # As the decoder verifies: row by row, one per accepted token (random drafts: the root
+        # alone; `per_token` prices the rest), or every row at once.
+        model.logits(out.main_hidden[:1] if model.verifies_row_by_row else out.main_hidden).argmax(-1).tolist()
         stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
         if deferred and model.adapter is not None:
             stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
@@ -106,9 +106,9 @@ class PassCosts:
 
 @torch.inference_mode()
 def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:
-    """One row of the LM head and its argmax: what each accepted token adds on a CPU."""
-    device = model.weights.device
-    if device.type != "cpu":
+    """One row of the LM head and its argmax: what each accepted token adds where the model
+    verifies row by row; nothing where every row runs at once."""
+    if not model.verifies_row_by_row:
         return 0.0
     row = torch.randn(model.shape.hidden_size, generator=torch.Generator().manual_seed(0)).to(model.weights.dtype)
     timings = []

@@ -298,18 +298,14 @@ def _tree_pass(model: SpeculativeModel, cache, tree: DraftTree, settings: Decode
 
 
 class _LazyChoices:
-    """The main stream's greedy token at each kept tree node, computed when first asked for.
-
-    On a CPU the LM head over many rows costs far more than over one (MKL's small-row GEMM:
-    about 25 ms for 16 rows vs 5 ms for one, SmolLM2-135M on a 2-core AMD EPYC), and verification
-    only ever needs the nodes of the accepted path: tokens-per-pass rows instead of the whole
-    tree. On a GPU all rows cost what one does, so they are computed in one go."""
+    """The main stream's greedy token at each kept tree node: all at once, or one row when first
+    asked for where the model verifies row by row (see `SpeculativeModel.verifies_row_by_row`)."""
 
     def __init__(self, model: SpeculativeModel, out):
         self.model, self.hidden = model, out.main_hidden
         self.row_of = {node: row for row, node in enumerate(out.kept)}
         self.choices: dict[int, int] = {}
-        if self.hidden.device.type != "cpu":
+        if not model.verifies_row_by_row:
             self.choices = dict(zip(out.kept, model.logits(self.hidden).argmax(-1).tolist()))
 
     def __getitem__(self, node: int) -> int:
@@ -319,7 +315,6 @@ class _LazyChoices:
 
     def known(self, size: int) -> list[int | None]:
         return [self.choices.get(node) for node in range(size)]
-
 
 
 def _node_records(tree: DraftTree, result: _TreePass, token_text: TokenText) -> list[NodeRecord]:

@@ -36,8 +36,8 @@ class StreamObjective(nn.Module):
         self.stream_weights = stream_weights or default_stream_weights(adapter.config.gamma)
         self.main_weight, self.prune_weight = main_weight, prune_weight
         self.first_layer = weights.shape.num_layers - adapter.config.stream_layers
-        ids = adapter.draft_ids
-        self.__dict__["draft_head"] = weights.lm_head if ids is None else weights.lm_head[ids.to(weights.device)]
+        ids = None if adapter.draft_ids is None else adapter.draft_ids.to(weights.device)
+        self.__dict__["draft_head"] = weights.lm_head if ids is None else weights.lm_head[ids]
         self.__dict__["draft_columns"] = None if ids is None else column_lookup(ids, weights.shape.vocab_size)
 
     def forward(self, features: Features) -> tuple[torch.Tensor, dict[str, float]]:
@@ -97,7 +97,7 @@ class StreamObjective(nn.Module):
         targets = tokens[b, target_index[0, s, jj]]
         # Over the draft vocabulary only (what the streams may propose at inference): a target
         # outside it cannot be drafted, so it adds no loss and counts as a miss in top-1.
-        columns = targets if self.draft_columns is None else self.draft_columns.to(device)[targets]
+        columns = targets if self.draft_columns is None else self.draft_columns[targets]
         inside = columns >= 0
         logits = stream_hidden[b, s, jj] @ self.draft_head.T
         losses = F.cross_entropy(logits.float(), columns.clamp(min=0), reduction="none")

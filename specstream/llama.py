@@ -16,9 +16,12 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from .small_gemm import PackedMatrix, pack
+
 # Rotary types whose frequencies depend on the sequence length at run time; our cached
 # cos/sin table cannot follow them, so we refuse them rather than be silently wrong.
 _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,18 @@ class LayerWeights:
     gate_up: torch.Tensor  # (2 ff, d)
     down: torch.Tensor  # (d, ff)
 
+    @cached_property
+    def packed(self) -> dict[str, PackedMatrix]:
+        """The projections packed for the small-row CPU kernel (empty where it does not apply),
+        made at the first projection that could use them."""
+        packed = {name: pack(getattr(self, name)) for name in PROJECTIONS}
+        return {name: matrix for name, matrix in packed.items() if matrix is not None}
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for projection `name` ("qkv", "o", "gate_up" or "down")."""
+        matrix = self.packed.get(name)
+        return matrix(x) if matrix is not None and matrix.accepts(x) else x @ getattr(self, name).T
+
 
 @dataclass
 class LlamaWeights:
@@ -82,6 +97,16 @@ class LlamaWeights:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    @cached_property
+    def packed_head(self) -> PackedMatrix | None:
+        return pack(self.lm_head)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d) -> logits (..., V)."""
+        if self.packed_head is not None and self.packed_head.accepts(hidden):
+            return self.packed_head(hidden)
+        return hidden @ self.head_rows
 
     @cached_property
     def head_rows(self) -> torch.Tensor:
@@ -172,8 +197,8 @@ class Delta(Protocol):
 KVFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _project(name: str, x: torch.Tensor, weight: torch.Tensor, delta: Delta | None) -> torch.Tensor:
-    out = x @ weight.T
+def _project(name: str, x: torch.Tensor, layer: LayerWeights, delta: Delta | None) -> torch.Tensor:
+    out = layer.project(name, x)
     return out if delta is None else delta(name, x, out)
 
 
@@ -194,7 +219,7 @@ def decoder_layer(
     batch, rows, _ = x.shape
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, layer.input_norm, shape.rms_norm_eps)
-    qkv = _project("qkv", h, layer.qkv, delta)
+    qkv = _project("qkv", h, layer, delta)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = k.view(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
@@ -205,10 +230,10 @@ def decoder_layer(
     attn_mask = None if mask is None else mask[None, None]
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
     attn = attn.transpose(1, 2).reshape(batch, rows, heads * head_dim)
-    x = x + _project("o", attn, layer.o, delta)
+    x = x + _project("o", attn, layer, delta)
     h = rms_norm(x, layer.post_norm, shape.rms_norm_eps)
-    gate, up = _project("gate_up", h, layer.gate_up, delta).chunk(2, dim=-1)
-    return x + _project("down", F.silu(gate) * up, layer.down, delta)
+    gate, up = _project("gate_up", h, layer, delta).chunk(2, dim=-1)
+    return x + _project("down", F.silu(gate) * up, layer, delta)
 
 
 def causal_block_mask(past: int, rows: int, device) -> torch.Tensor:

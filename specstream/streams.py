@@ -18,6 +18,7 @@ import torch
 from .adapter import StreamAdapter
 from .kv_cache import KVCache
 from .llama import LlamaWeights, decoder_layer, rms_norm, rotary_tables
+from .small_gemm import pack
 
 RowSelector = Callable[[torch.Tensor], list[int] | None]
 
@@ -79,14 +80,22 @@ class SpeculativeModel:
         stream_layers = adapter.config.stream_layers if adapter else 0
         self.first_stream_layer = self.shape.num_layers - stream_layers
         self.draft_ids = adapter.draft_ids if adapter else None
-        self._draft_head = weights.head_rows if self.draft_ids is None else weights.lm_head[self.draft_ids].T.contiguous()
+        self._draft_rows = None if self.draft_ids is None else weights.lm_head[self.draft_ids].contiguous()  # (V', d)
+        self._packed_draft_rows = None if self._draft_rows is None else pack(self._draft_rows)
 
     def new_cache(self, capacity: int) -> KVCache:
         s = self.shape
         return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity, device=self.weights.device, dtype=self.weights.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.weights.head_rows
+        return self.weights.logits(hidden)
+
+    def _draft_logits(self, stream_hidden: torch.Tensor) -> torch.Tensor:
+        if self._draft_rows is None:
+            return self.weights.logits(stream_hidden)
+        if self._packed_draft_rows is not None and self._packed_draft_rows.accepts(stream_hidden):
+            return self._packed_draft_rows(stream_hidden)
+        return stream_hidden @ self._draft_rows.T
 
     @property
     def verifies_row_by_row(self) -> bool:
@@ -99,7 +108,7 @@ class SpeculativeModel:
     def draft_topk(self, stream_hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, token ids), each (rows, k): the k likeliest drafts of each stream row,
         over the adapter's draft vocabulary (probabilities normalised within it)."""
-        probs = torch.softmax((stream_hidden @ self._draft_head).float(), dim=-1)
+        probs = torch.softmax(self._draft_logits(stream_hidden).float(), dim=-1)
         top_probs, columns = probs.topk(k, dim=-1)
         return top_probs, columns if self.draft_ids is None else self.draft_ids[columns]
 

@@ -174,7 +174,7 @@ def machine_info(base: BaseModel) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(), "matmul": base.weights.matmul}
     if base.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(base.device)
     return info

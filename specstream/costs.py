@@ -152,8 +152,7 @@ def _device_key(model: SpeculativeModel, deferred: bool) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        matmul = "small-row kernel" if model.weights.layers[0].packed else "torch matmul"
-        where = f"{cpu_name()} x{torch.get_num_threads()}, {matmul}"
+        where = f"{cpu_name()} x{torch.get_num_threads()}, {model.weights.matmul} matmul"
     config = model.adapter.config if model.adapter else None
     # COST_MODEL names what a measured pass includes; a new one makes old tables stale.
     parts = [COST_MODEL, where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",

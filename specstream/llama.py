@@ -98,6 +98,12 @@ class LlamaWeights:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def matmul(self) -> str:
+        """Which code multiplies by the weights ("small-row kernel" or "torch"), for the page, the
+        benchmark's JSON and the pass-cost tables."""
+        return "small-row kernel" if self.layers[0].packed else "torch"
+
     @cached_property
     def packed_head(self) -> PackedMatrix | None:
         return pack(self.lm_head)

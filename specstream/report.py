@@ -24,7 +24,8 @@ def _where(machine: dict) -> str:
     if machine.get("gpu"):
         return machine["gpu"]
     cpu = machine.get("cpu") or machine.get("processor", "CPU")
-    return f"{cpu} ({machine.get('cpu_capability', '?')}), {machine.get('threads', '?')} threads"
+    matmul = f", {machine['matmul']} matmul" if "matmul" in machine else ""
+    return f"{cpu} ({machine.get('cpu_capability', '?')}), {machine.get('threads', '?')} threads{matmul}"
 
 
 def markdown_table(result: dict) -> str:

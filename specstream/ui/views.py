@@ -26,7 +26,7 @@ def model_markdown(info: dict) -> str:
             "**shared**: the base model was fine-tuned with the streams, so replies may differ from the base model's")
     weights = info["weights"] if info["weights"].startswith(info["model"]) else f"{info['model']} ({info['weights']})"
     text = (f"**Model:** {weights} · **device:** {info['device']} · "
-            f"**dtype:** {info['dtype']}  \n**Stream adapter:** {info['gamma']} streams in the top "
+            f"**dtype:** {info['dtype']} · **matmul:** {info.get('matmul', 'torch')}  \n**Stream adapter:** {info['gamma']} streams in the top "
             f"{info['stream_layers']} layers, {mode}.")
     if info["adapter_note"]:
         text += f"  \n⚠️ {info['adapter_note']}"

@@ -4,7 +4,9 @@ A drafted node is accepted only if its parent was, so the expected tokens of one
 bonus token plus, over the drafted nodes, the product along each node's path of the acceptance
 rate at that (depth, rank). `build_tree` keeps the nodes of highest path probability, so the best
 `n` nodes by expected acceptance stand in for the tree it will build. Dividing by the measured
-cost of a pass over `n` nodes gives tokens per second; the budget with the most wins. Rates start
+cost of a pass over `n` nodes gives tokens per second; the budget with the most wins. Copied
+(prompt-lookup) tokens are priced the same way: the chain keeps the positions whose chance of being
+reached and accepted pays for one more node at the measured per-node cost. Rates start
 from a weak prior and follow the step records of this model's runs (dynamic, as in EAGLE-2 and
 Sequoia, but per budget rather than per node, which keeps the Python per pass small).
 """
@@ -22,6 +24,7 @@ from .tree import Fate
 # this many observations: weak enough that a few passes of real statistics outweigh it.
 PRIOR_TOP1 = 0.5
 PRIOR_WEIGHT = 4.0
+PRIOR_LOOKUP = 0.5  # prior acceptance of a copied token given the one before it was accepted
 MIN_BUDGET = 2  # the root and at least one draft
 # Observations each (depth, rank) remembers, about one 128-token reply's passes: the statistics are
 # shared by a model's runs in a process, and a code prompt after a chat prompt should not be
@@ -32,9 +35,18 @@ REPLAN_EVERY = 4  # passes between budget choices; each choice costs well under 
 
 @dataclass(frozen=True)
 class Plan:
-    node_budget: int
+    node_budget: int  # stream-tree nodes, root included
     expected_tokens_per_pass: float
     expected_speedup: float  # over plain decoding, from the measured pass costs
+    lookup_tokens: int = 0  # the most copied tokens to graft, where the text so far has a match
+
+
+def _remember(tried: list[float], accepted: list[float], index: int, hit: bool) -> None:
+    tried[index] += 1
+    accepted[index] += hit
+    if tried[index] > WINDOW:  # forget the oldest evenly: an exponential moving window
+        accepted[index] *= WINDOW / tried[index]
+        tried[index] = WINDOW
 
 
 class AcceptanceStats:
@@ -57,12 +69,37 @@ class AcceptanceStats:
             verified = node.fate in (Fate.ACCEPTED, Fate.REJECTED)
             if node.source != "stream" or not verified or node.depth > len(self.tried) or node.rank >= len(self.tried[0]):
                 continue
-            d, r = node.depth - 1, node.rank
-            self.tried[d][r] += 1
-            self.accepted[d][r] += node.fate == Fate.ACCEPTED
-            if self.tried[d][r] > WINDOW:  # forget the oldest evenly: an exponential moving window
-                self.accepted[d][r] *= WINDOW / self.tried[d][r]
-                self.tried[d][r] = WINDOW
+            _remember(self.tried[node.depth - 1], self.accepted[node.depth - 1], node.rank, node.fate == Fate.ACCEPTED)
+
+
+class LookupStats:
+    """Per position in a prompt-lookup chain (its depth): how often a verified copied token was accepted."""
+
+    def __init__(self, length: int):
+        self.tried = [PRIOR_WEIGHT] * length
+        self.accepted = [PRIOR_WEIGHT * PRIOR_LOOKUP] * length
+
+    def rate(self, position: int) -> float:
+        """Chance that the copied token at `position` (from 1) is accepted, given the one before it was."""
+        return self.accepted[position - 1] / self.tried[position - 1] if position <= len(self.tried) else 0.0
+
+    def observe(self, record: StepRecord) -> None:
+        for node in record.nodes:
+            if node.source == "lookup" and node.fate in (Fate.ACCEPTED, Fate.REJECTED) and node.depth <= len(self.tried):
+                _remember(self.tried, self.accepted, node.depth - 1, node.fate == Fate.ACCEPTED)
+
+
+def lookup_length(stats: LookupStats, max_tokens: int, node_seconds: float, tokens_per_second: float) -> tuple[int, float]:
+    """How many copied tokens are worth a node each, and the tokens they are expected to add: the
+    position's chance of being reached and accepted must beat what the node's time would otherwise
+    yield at the pass's rate."""
+    reach, added = 1.0, 0.0
+    for position in range(1, max_tokens + 1):
+        reach *= stats.rate(position)
+        if reach < node_seconds * tokens_per_second:
+            return position - 1, added
+        added += reach
+    return max_tokens, added
 
 
 def expected_tokens(stats: AcceptanceStats, top_k: tuple[int, ...], node_budget: int) -> float:
@@ -80,8 +117,16 @@ def expected_tokens(stats: AcceptanceStats, top_k: tuple[int, ...], node_budget:
     return total
 
 
-def choose(stats: AcceptanceStats, top_k: tuple[int, ...], costs: PassCosts, max_budget: int) -> Plan:
-    """The budget (a measured tree size up to `max_budget`) with the most expected tokens per second."""
+def choose(
+    stats: AcceptanceStats,
+    top_k: tuple[int, ...],
+    costs: PassCosts,
+    max_budget: int,
+    lookup: LookupStats | None = None,
+    max_lookup: int = 0,
+) -> Plan:
+    """The budget (a measured tree size up to `max_budget`) and lookup chain length (up to
+    `max_lookup`) with the most expected tokens per second."""
     best: Plan | None = None
     for size in sorted(costs.tree):
         if size < MIN_BUDGET:
@@ -89,10 +134,15 @@ def choose(stats: AcceptanceStats, top_k: tuple[int, ...], costs: PassCosts, max
         if size > max_budget:
             break
         tokens = expected_tokens(stats, top_k, size)
-        plan = Plan(size, tokens, tokens * costs.plain / costs.seconds(size, tokens))
+        copied, added = 0, 0.0
+        if lookup is not None and max_lookup:
+            node = costs.node_seconds(size)
+            copied, added = lookup_length(lookup, max_lookup, node, tokens / costs.seconds(size, tokens))
+        seconds = costs.seconds(size, tokens + added) + copied * costs.node_seconds(size)
+        plan = Plan(size, tokens + added, (tokens + added) * costs.plain / seconds, copied)
         if best is None or plan.expected_speedup > best.expected_speedup:
             best = plan
-    return best or Plan(max_budget, expected_tokens(stats, top_k, max_budget), 1.0)
+    return best or Plan(max_budget, expected_tokens(stats, top_k, max_budget), 1.0, max_lookup)
 
 
 class TreePlanner:
@@ -100,16 +150,27 @@ class TreePlanner:
     statistics of this model's runs so far (kept per model and process, so later runs start
     from what earlier ones saw)."""
 
-    def __init__(self, top_k: tuple[int, ...], max_budget: int, stats: AcceptanceStats, costs: PassCosts):
+    def __init__(
+        self,
+        top_k: tuple[int, ...],
+        max_budget: int,
+        stats: AcceptanceStats,
+        costs: PassCosts,
+        lookup: LookupStats | None = None,
+        max_lookup: int = 0,
+    ):
         self.top_k, self.max_budget, self.stats, self.costs = top_k, max_budget, stats, costs
+        self.lookup, self.max_lookup = lookup, max_lookup
         self.passes = 0
         self.plan = self._choose()
 
     def _choose(self) -> Plan:
-        return choose(self.stats, self.top_k, self.costs, self.max_budget)
+        return choose(self.stats, self.top_k, self.costs, self.max_budget, self.lookup, self.max_lookup)
 
     def observe(self, record: StepRecord) -> None:
         self.stats.observe(record)
+        if self.lookup is not None:
+            self.lookup.observe(record)
         self.passes += 1
         if self.passes % REPLAN_EVERY == 0:
             self.plan = self._choose()

@@ -103,6 +103,18 @@ class PassCosts:
         """A pass over `size` nodes that yields `tokens` tokens (accepted drafts plus the bonus)."""
         return self.tree[size] + max(tokens - 1.0, 0.0) * self.per_token
 
+    def node_seconds(self, size: int) -> float:
+        """What one more node adds to a pass over `size` nodes: the measured slope from there to the
+        next measured size (from the last two sizes beyond the table; never below zero, whatever the noise)."""
+        sizes = sorted(self.tree)
+        if len(sizes) < 2:
+            return 0.0
+        upper = next((s for s in sizes if s > size), sizes[-1])
+        lower = sizes[sizes.index(upper) - 1] if upper != sizes[0] else sizes[0]
+        if upper == lower:
+            lower, upper = sizes[0], sizes[1]
+        return max((self.tree[upper] - self.tree[lower]) / (upper - lower), 0.0)
+
 
 @torch.inference_mode()
 def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .autotree import AcceptanceStats, Plan, TreePlanner
+from .autotree import AcceptanceStats, LookupStats, Plan, TreePlanner
 from .costs import device_costs
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
@@ -23,6 +23,7 @@ from .tree import DraftTree, Fate, accept_longest_path, build_tree, graft_chain,
 
 TokenText = Callable[[int], str]
 MAX_NODE_BUDGET = 256  # beyond this a pass costs more than it can win on any device we target
+MAX_LOOKUP_TOKENS = 16  # a copied branch longer than this is almost never accepted to its end
 
 
 class SettingsError(ValueError):
@@ -36,9 +37,9 @@ class DecodeSettings:
     node_budget: int = 48  # drafted nodes plus the root (with the auto tree: the most it may draft)
     prune_threshold: float = 0.0  # drop subtrees whose early-exit transition probability is below this; 0 = off
     gamma: int | None = None  # tree depth; None = every stream of the adapter
-    # A branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off. On by
-    # default: with one LM-head row per accepted token its nodes cost little, and on 8 hand-written
-    # prompts it lifted tokens/s by 4 to 12 % (tau 1.41 -> 1.58 with the shipped adapter).
+    # A branch of up to this many tokens copied from earlier text (prompt lookup); 0 = off. With
+    # the auto tree, the most it may copy: each pass keeps the positions whose measured acceptance
+    # pays for their nodes. On 8 hand-written prompts it lifted tokens/s by 4 to 12 % (tau 1.41 -> 1.58).
     lookup_tokens: int = 8
     lookup_ngram: int = 3  # longest n-gram matched for prompt lookup, as in transformers' prompt lookup
     # "joint": every tree node carries its streams through the top layers (the paper's single
@@ -59,7 +60,7 @@ class DecodeSettings:
             problems.append(f"top-k per depth must be 1 to 64 at every depth, not {list(self.top_k)}")
         if not 1 <= self.node_budget <= MAX_NODE_BUDGET:
             problems.append(f"node budget must be 1 to {MAX_NODE_BUDGET}, not {self.node_budget}")
-        if not 0 <= self.lookup_tokens <= 16 or not 1 <= self.lookup_ngram <= 8:
+        if not 0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS or not 1 <= self.lookup_ngram <= 8:
             problems.append("prompt lookup takes 0 to 16 tokens and n-grams of 1 to 8 tokens")
         if self.tree not in ("auto", "fixed"):
             problems.append(f"tree must be auto or fixed, not '{self.tree}'")
@@ -182,14 +183,16 @@ def plain_decode(
 
 
 def _next_draft(
-    model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int, budget: int
+    model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int, plan: Plan | None
 ) -> DraftTree:
     """stream_hidden (gamma, d) of the deepest accepted node -> the best tree of top-k tokens per
-    depth below the last token of `context`, plus a prompt-lookup branch."""
+    depth below the last token of `context`, plus a prompt-lookup branch; sizes from the auto
+    tree's plan, else from the settings."""
+    budget, copied = (plan.node_budget, plan.lookup_tokens) if plan else (settings.node_budget, settings.lookup_tokens)
     top_probs, top_tokens = model.draft_topk(stream_hidden[:depth], max(settings.top_k[:depth]))
     tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], budget)
-    if settings.lookup_tokens:
-        tree = graft_chain(tree, lookup_continuation(context, settings.lookup_ngram, settings.lookup_tokens))
+    if copied:
+        tree = graft_chain(tree, lookup_continuation(context, settings.lookup_ngram, copied))
     return tree
 
 
@@ -207,7 +210,7 @@ def specstream_decode(
     plan = planner.plan if planner else None
     started = time.perf_counter()
     first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
-    tree = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, _budget(settings, plan))
+    tree = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, plan)
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -222,8 +225,7 @@ def specstream_decode(
         tree_done, plan_done = tree, plan
         if not reason:
             plan = planner.plan if planner else None
-            budget = _budget(settings, plan)
-            tree = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, budget)
+            tree = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, plan)
         _sync(device)
         seconds = time.perf_counter() - started
         nodes = _node_records(tree_done, pass_result, token_text)
@@ -234,10 +236,6 @@ def specstream_decode(
         yield record
 
 
-def _budget(settings: DecodeSettings, plan: Plan | None) -> int:
-    return plan.node_budget if plan else settings.node_budget
-
-
 _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -246,8 +244,10 @@ def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) 
     pass is timed) and the acceptance statistics of the model's earlier runs."""
     top_k = settings.top_k[:depth]
     costs = device_costs(model, settings.deferred_streams())
-    stats = _shared_stats.setdefault(model, {}).setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
-    return TreePlanner(top_k, settings.node_budget, stats, costs)
+    shared = _shared_stats.setdefault(model, {})
+    stats = shared.setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
+    lookup = shared.setdefault("lookup", LookupStats(MAX_LOOKUP_TOKENS)) if settings.lookup_tokens else None
+    return TreePlanner(top_k, settings.node_budget, stats, costs, lookup, settings.lookup_tokens)
 
 
 @dataclass

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from specstream import costs, decoding
-from specstream.autotree import AcceptanceStats, choose, expected_tokens
+from specstream.autotree import AcceptanceStats, LookupStats, choose, expected_tokens, lookup_length
 from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.records import NodeRecord, StepRecord
@@ -109,3 +109,51 @@ def test_statistics_follow_a_change_of_content():
     for _ in range(100):  # then one reply where it never is
         stats.observe(step(Fate.REJECTED))
     assert stats.rate(1, 0) < 0.5  # with plain counts it would still say 0.9
+
+
+def lookup_step(fates: list[Fate]) -> StepRecord:
+    """A pass whose tree is the root and a copied chain with these fates."""
+    nodes = [NodeRecord(0, 1, "r", -1, 0, 0, 1.0, 0, None, Fate.ACCEPTED, None, None, "root")]
+    nodes += [NodeRecord(i, 5, "w", i - 1, i, 0, 0.0, 0, None, fate, None, None, "lookup") for i, fate in enumerate(fates, 1)]
+    return StepRecord("specstream", 1, tuple(nodes), (0,), 7, (7,), ("w",), 0.1, 1, 1, None)
+
+
+def test_lookup_statistics_count_verified_copied_tokens_per_position():
+    stats = LookupStats(4)
+    for _ in range(50):
+        stats.observe(lookup_step([Fate.ACCEPTED, Fate.REJECTED, Fate.UNVERIFIED]))
+    assert stats.rate(1) > 0.9 and stats.rate(2) < 0.1
+    assert stats.rate(3) == LookupStats(4).rate(3)  # never verified: still the prior
+    assert stats.rate(5) == 0.0
+
+
+def test_copied_tokens_are_kept_while_they_pay_for_their_nodes():
+    stats = LookupStats(8)
+    stats.accepted = [0.9, 0.9, 0.5, 0.5, 0.1, 0.9, 0.9, 0.9]
+    stats.tried = [1.0] * 8
+    # reach: 0.9, 0.81, 0.405, 0.2025, 0.02, ...
+    assert lookup_length(stats, 8, node_seconds=0.0, tokens_per_second=20) == (8, pytest.approx(0.9 + 0.81 + 0.405 + 0.2025
+                                                                                              + 0.02025 * (1 + 0.9 + 0.81 + 0.729)))
+    assert lookup_length(stats, 8, node_seconds=0.015, tokens_per_second=20)[0] == 3  # a node is worth 0.3 tokens
+    assert lookup_length(stats, 2, node_seconds=0.0, tokens_per_second=20)[0] == 2  # the user's cap
+    assert lookup_length(stats, 8, node_seconds=0.05, tokens_per_second=20) == (0, 0.0)
+
+
+def test_plan_drops_the_copied_branch_where_nodes_are_dear():
+    stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    lookup = LookupStats(8)
+    lookup.accepted, lookup.tried = [0.3] * 8, [1.0] * 8
+    gpu = PassCosts(0.010, {n: 0.010 for n in costs.SIZES}, 0.0)
+    cpu = PassCosts(0.010, {n: 0.010 * (1 + n / 2) for n in costs.SIZES}, 0.0)  # half a token per node
+    assert choose(stats, (3, 3, 3), gpu, 64, lookup, 8).lookup_tokens == 8
+    assert choose(stats, (3, 3, 3), cpu, 64, lookup, 8).lookup_tokens == 0
+    assert choose(stats, (3, 3, 3), gpu, 64, lookup, 0).lookup_tokens == 0
+
+
+def test_node_cost_is_the_measured_slope():
+    table = PassCosts(0.010, {1: 0.010, 2: 0.020, 4: 0.024, 8: 0.040}, 0.0)
+    assert table.node_seconds(1) == pytest.approx(0.010)
+    assert table.node_seconds(2) == pytest.approx(0.002)
+    assert table.node_seconds(3) == pytest.approx(0.002)
+    assert table.node_seconds(8) == pytest.approx(0.004)  # beyond the table: the last slope
+    assert PassCosts(0.01, {1: 0.02, 2: 0.01}, 0.0).node_seconds(1) == 0.0  # noise never makes nodes free money

@@ -25,7 +25,7 @@ from .tree import tree_attention_mask
 # Tree sizes the auto tree chooses from (root included); 1 is a pass with streams but no drafts.
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-COST_MODEL = "v3: verification head over every row where the small-row kernel runs it"
+COST_MODEL = "v4: CPU kernels for matmuls, RMSNorm and rotary; verification head over every row with them"
 
 
 def _sync(device: torch.device) -> None:

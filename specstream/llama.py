@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from .small_gemm import PackedMatrix, pack
+from . import cpu_kernels
+from .cpu_kernels import PackedMatrix, pack
 
 # Rotary types whose frequencies depend on the sequence length at run time; our cached
 # cos/sin table cannot follow them, so we refuse them rather than be silently wrong.
@@ -183,6 +184,8 @@ def rotary_tables(weights: LlamaWeights, positions: torch.Tensor) -> tuple[torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.shape[-1] % 8 == 0 and cpu_kernels.fits(x, weight):
+        return cpu_kernels.rms_norm(x, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -226,12 +229,16 @@ def decoder_layer(
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, layer.input_norm, shape.rms_norm_eps)
     qkv = _project("qkv", h, layer, delta)
+    cos, sin = rotary
+    rotated = head_dim % 16 == 0 and cos.dim() == 2 and cpu_kernels.fits(qkv, cos, sin)
+    if rotated:  # queries and keys rotated in place, in one call
+        cpu_kernels.rotary(qkv, heads + kv_heads, head_dim, cos, sin)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = k.view(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
     v = v.view(batch, rows, kv_heads, head_dim).transpose(1, 2)
-    cos, sin = rotary
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if not rotated:
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys, values = kv(k, v)
     attn_mask = None if mask is None else mask[None, None]
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)

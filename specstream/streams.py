@@ -18,7 +18,7 @@ import torch
 from .adapter import StreamAdapter
 from .kv_cache import KVCache
 from .llama import LlamaWeights, decoder_layer, rms_norm, rotary_tables
-from .small_gemm import PackedMatrix, pack
+from .cpu_kernels import PackedMatrix, pack
 
 RowSelector = Callable[[torch.Tensor], list[int] | None]
 

@@ -1,27 +1,27 @@
-"""The small-row CPU kernel: right products, rows independent of each other, and a clean fallback."""
+"""The CPU kernels: right results, rows independent of each other, and a clean fallback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specstream import small_gemm
+from specstream import cpu_kernels
 
 
 @pytest.fixture
 def kernel():
-    if small_gemm.load_library() is None:
-        pytest.skip("the small-row kernel cannot be built on this machine")
-    return small_gemm
+    if cpu_kernels.load_library() is None:
+        pytest.skip("the CPU kernels cannot be built on this machine")
+    return cpu_kernels
 
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
     """Forget the loaded kernel, and build any new one into an empty cache folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    small_gemm.load_library.cache_clear()
+    cpu_kernels.load_library.cache_clear()
     yield
-    small_gemm.load_library.cache_clear()
+    cpu_kernels.load_library.cache_clear()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64])
@@ -56,16 +56,16 @@ def test_refuses_what_it_cannot_do(kernel):
 
 
 def test_switched_off_by_environment(monkeypatch, fresh_library):
-    monkeypatch.setenv("SPECSTREAM_SMALL_GEMM", "0")
-    assert small_gemm.pack(torch.randn(4, 4)) is None
+    monkeypatch.setenv("SPECSTREAM_CPU_KERNELS", "0")
+    assert cpu_kernels.pack(torch.randn(4, 4)) is None
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch, fresh_library):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    if small_gemm._unsupported_reason():
+    if cpu_kernels._unsupported_reason():
         pytest.skip("the kernel does not apply to this machine at all")
     with pytest.warns(UserWarning, match="could not be built"):
-        assert small_gemm.pack(torch.randn(4, 4)) is None
+        assert cpu_kernels.pack(torch.randn(4, 4)) is None
 
 
 def test_the_forward_pass_uses_it(kernel, tiny_dir, monkeypatch):
@@ -104,3 +104,60 @@ def test_packed_low_rank_pairs_match_the_adapter(kernel, tiny_dir):
         fast = LoraDelta(adapter, int(layer), 2, packed)(target, inputs, outputs.clone())
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(plain[:, 2:], outputs[:, 2:])  # the correction is not empty
+
+
+def test_rms_norm_matches_torch_row_by_row(kernel):
+    from specstream import llama
+
+    x, weight = torch.randn(2, 5, 64) * 3, torch.randn(64)
+    with torch.inference_mode():
+        fused = kernel.rms_norm(x, weight, 1e-5)
+        x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        torch.testing.assert_close(fused, weight * x32, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kernel.rms_norm(x[1, 3:4], weight, 1e-5)[0], fused[1, 3])
+        assert torch.equal(llama.rms_norm(x, weight, 1e-5), fused)  # the forward pass takes this path
+    grad = torch.randn(3, 64, requires_grad=True)
+    assert not kernel.fits(grad, weight)  # training keeps torch's differentiable ops
+
+
+def test_rotary_in_place_matches_the_torch_rotation(kernel):
+    from specstream.llama import _rotate
+
+    heads, kv_heads, head_dim, rows = 3, 1, 32, 4
+    qkv = torch.randn(2, rows, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.randn(rows, head_dim // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q = qkv[..., : heads * head_dim].reshape(2, rows, heads, head_dim).transpose(1, 2)
+    k = qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].reshape(2, rows, kv_heads, head_dim).transpose(1, 2)
+    expected_q, expected_k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    values = qkv[..., (heads + kv_heads) * head_dim :].clone()
+    kernel.rotary(qkv, heads + kv_heads, head_dim, cos, sin)
+    rotated_q = qkv[..., : heads * head_dim].reshape(2, rows, heads, head_dim).transpose(1, 2)
+    rotated_k = qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].reshape(2, rows, kv_heads, head_dim).transpose(1, 2)
+    torch.testing.assert_close(rotated_q, expected_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotated_k, expected_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[..., (heads + kv_heads) * head_dim :], values)  # values are not rotated
+
+
+def test_concurrent_callers_each_get_their_own_product(kernel):
+    """Two sessions of the app may multiply at once (ctypes lets go of the GIL): no call may see
+    another's rows."""
+    import threading
+
+    weight = torch.randn(1000, 64)
+    packed = kernel.pack(weight)
+    failures = []
+
+    def multiply(seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(100):
+            x = torch.randn(5, 64, generator=generator)
+            if not torch.allclose(packed(x), x @ weight.T, atol=1e-4):
+                failures.append(seed)
+
+    threads = [threading.Thread(target=multiply, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures

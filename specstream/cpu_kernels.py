@@ -1,13 +1,15 @@
-"""Products of a few rows with a large float32 weight, on x86 CPUs: a small AVX2 kernel.
+"""Float32 decoding kernels for x86 CPUs with AVX2, in `cpu_kernels.c`.
 
 Why: a draft tree is a handful of rows, and on the 2-core AMD EPYC we measure on, MKL's fp32 GEMM
 with 2-16 rows costs 2-3x its 1-row cost, so a tree pass cost far more than the tokens it won.
-The kernel in `small_gemm.c` streams each weight tile from memory once for all rows: SmolLM2-135M's
-30-layer body matmuls took 38 ms (1 row), 70 ms (4), 72 ms (16) with MKL and 18, 22, 36 ms with it.
+`small_gemm` streams each weight tile from memory once for all rows: SmolLM2-135M's 30-layer body
+matmuls took 38 ms (1 row), 70 ms (4), 72 ms (16) with MKL and 18, 22, 36 ms with it. Once the
+matmuls were fast, the small torch ops between them (about sixty a layer, a few microseconds of
+dispatch each) were a third of a pass; `rms_norm` and `rotary` do their rows in one call each.
 
-It is built with the system's C compiler at first use and cached on disk. Where that is impossible
-(no compiler, no AVX2, another architecture, `SPECSTREAM_SMALL_GEMM=0`) `pack` returns None and
-callers use torch's matmul: slower, never wrong.
+They are built with the system's C compiler at first use and cached on disk. Where that is impossible
+(no compiler, no AVX2, another architecture, `SPECSTREAM_CPU_KERNELS=0`) `pack` returns None,
+`fits` is False, and callers use torch: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("small_gemm.c")
-TILE = 16  # columns per packed tile; matches TILE in small_gemm.c
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+TILE = 16  # columns per packed tile; matches TILE in cpu_kernels.c
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -67,6 +69,34 @@ class PackedMatrix:
         return out.view(*x.shape[:-1], self.out_features)
 
 
+def fits(*tensors: torch.Tensor) -> bool:
+    """Whether the row kernels may take these tensors: contiguous float32 on the CPU, no autograd."""
+    if load_library() is None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and not (grad and t.requires_grad)
+        for t in tensors
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., d) / rms * weight, for `fits` tensors with d a multiple of 8."""
+    out = torch.empty_like(x)
+    rows = x.numel() // x.shape[-1]
+    load_library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, x.shape[-1], ctypes.c_float(eps))
+    return out
+
+
+def rotary(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate the first `heads` heads (queries, then keys) of each fused q/k/v row of qkv (..., R, W)
+    in place; cos and sin (R, head_dim); head_dim a multiple of 16."""
+    rows = qkv.numel() // qkv.shape[-1]
+    load_library().rotary(
+        qkv.data_ptr(), rows, qkv.shape[-1], heads, head_dim, cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+    )
+
+
 def pack(weight: torch.Tensor) -> PackedMatrix | None:
     """The weight packed for the kernel, or None where the kernel does not apply to it."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.requires_grad or weight.dim() != 2:
@@ -80,23 +110,26 @@ def load_library() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source version; None (with a warning) where it cannot be."""
     reason = _unsupported_reason()
     if reason:
-        if os.environ.get("SPECSTREAM_SMALL_GEMM") != "0":
-            warnings.warn(f"small-row CPU kernel off ({reason}); using torch's matmul", stacklevel=2)
+        if os.environ.get("SPECSTREAM_CPU_KERNELS") != "0":
+            warnings.warn(f"CPU kernels off ({reason}); using torch", stacklevel=2)
         return None
     try:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as error:
-        warnings.warn(f"small-row CPU kernel could not be built ({error}); using torch's matmul", stacklevel=2)
+        warnings.warn(f"CPU kernels could not be built ({error}); using torch", stacklevel=2)
         return None
-    library.small_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    library.small_gemm.argtypes += [ctypes.c_void_p, ctypes.c_int]
-    library.small_gemm.restype = None
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    library.small_gemm.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer]
+    library.rms_norm.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float]
+    library.rotary.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, integer]
+    for function in (library.small_gemm, library.rms_norm, library.rotary):
+        function.restype = None
     return library
 
 
 def _unsupported_reason() -> str | None:
-    if os.environ.get("SPECSTREAM_SMALL_GEMM") == "0":
-        return "SPECSTREAM_SMALL_GEMM=0"
+    if os.environ.get("SPECSTREAM_CPU_KERNELS") == "0":
+        return "SPECSTREAM_CPU_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"{platform.machine()} is not x86-64"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -108,7 +141,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"small_gemm-{digest}.so"
+    target = _cache_dir() / f"cpu_kernels-{digest}.so"
     if not target.exists():
         # Build beside the target and rename: concurrent processes never load a half-written file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:

@@ -1,0 +1,115 @@
+/* Float32 kernels for decoding on x86 CPUs with AVX2 (built by cpu_kernels.py).
+ *
+ * small_gemm: y (M, N) = x (M, K) @ W^T, with W packed once as (ceil(N / 16), K, 16), zero padded.
+ * Decoding multiplies a handful of rows by large weight matrices. Each 16-column tile of W is
+ * streamed from memory once and multiplied into up to six rows at a time, all accumulators in
+ * AVX2 registers, so a pass over 8 rows reads the weights no more often than a pass over one.
+ * Every output element is the same sequence of fused multiply-adds over k whatever M is, so a
+ * row's result does not depend on which other rows share the call.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define TILE 16
+#define ROW_BLOCK 6
+
+static inline __attribute__((always_inline)) void multiply_tile(
+    int rows, const float *x, int K, const float *tile, float *out /* (rows, TILE) */) {
+    __m256 low[ROW_BLOCK], high[ROW_BLOCK];
+    for (int m = 0; m < rows; m++) {
+        low[m] = _mm256_setzero_ps();
+        high[m] = _mm256_setzero_ps();
+    }
+    for (int k = 0; k < K; k++) {
+        __m256 w_low = _mm256_loadu_ps(tile + TILE * k), w_high = _mm256_loadu_ps(tile + TILE * k + 8);
+        for (int m = 0; m < rows; m++) {
+            __m256 xb = _mm256_broadcast_ss(x + (long)m * K + k);
+            low[m] = _mm256_fmadd_ps(xb, w_low, low[m]);
+            high[m] = _mm256_fmadd_ps(xb, w_high, high[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        _mm256_storeu_ps(out + TILE * m, low[m]);
+        _mm256_storeu_ps(out + TILE * m + 8, high[m]);
+    }
+}
+
+/* The row count as a compile-time constant, so each case keeps its accumulators in registers. */
+static void multiply_block(int rows, const float *x, int K, const float *tile, float *out) {
+    switch (rows) {
+        case 1: multiply_tile(1, x, K, tile, out); break;
+        case 2: multiply_tile(2, x, K, tile, out); break;
+        case 3: multiply_tile(3, x, K, tile, out); break;
+        case 4: multiply_tile(4, x, K, tile, out); break;
+        case 5: multiply_tile(5, x, K, tile, out); break;
+        default: multiply_tile(ROW_BLOCK, x, K, tile, out); break;
+    }
+}
+
+void small_gemm(const float *x, int M, int K, const float *packed, int N, float *y, int threads) {
+    int tiles = (N + TILE - 1) / TILE;
+    /* Static halves: each thread streams one contiguous run of tiles, which keeps the hardware
+     * prefetchers busy. (A work-stealing pool of pthreads was measured too: 20x better than OpenMP
+     * while another process kept both cores busy, 10-15 % slower on a quiet machine, so not kept.) */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < tiles; t++) {
+        const float *tile = packed + (long)t * K * TILE;
+        int columns = N - TILE * t < TILE ? N - TILE * t : TILE;
+        float out[ROW_BLOCK * TILE];
+        for (int first = 0; first < M; first += ROW_BLOCK) {
+            int rows = M - first < ROW_BLOCK ? M - first : ROW_BLOCK;
+            multiply_block(rows, x + (long)first * K, K, tile, out);
+            for (int m = 0; m < rows; m++)
+                memcpy(y + (long)(first + m) * N + TILE * t, out + TILE * m, columns * sizeof(float));
+        }
+    }
+}
+
+/* The row-wise steps between the matmuls, one call each instead of five to eight small torch ops
+ * (each op costs a few microseconds of dispatch, and a layer had about sixty). Rows are independent,
+ * so these too give a row the same bits whatever else is in the call. */
+
+static float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* y = x / rms(x) * weight per row of d (d a multiple of 8). */
+void rms_norm(const float *x, const float *weight, float *y, int rows, int d, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (long)r * d;
+        float *yr = y + (long)r * d;
+        __m256 squares = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        __m256 scale = _mm256_set1_ps(1.0f / sqrtf(horizontal_sum(squares) / d + eps));
+        for (int i = 0; i < d; i += 8)
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), scale)));
+    }
+}
+
+/* Rotary embedding in place on the first `heads` heads of each row (the queries and keys of a fused
+ * q/k/v row, `row_stride` floats apart): x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
+ * cos and sin are (period, head_dim), row r using row r % period (a batch of sequences shares them);
+ * head_dim / 2 a multiple of 8. */
+void rotary(float *qkv, int rows, int row_stride, int heads, int head_dim, const float *cos, const float *sin, int period) {
+    int half = head_dim / 2;
+    for (int r = 0; r < rows; r++) {
+        const float *c = cos + (long)(r % period) * head_dim, *s = sin + (long)(r % period) * head_dim;
+        for (int h = 0; h < heads; h++) {
+            float *x = qkv + (long)r * row_stride + (long)h * head_dim;
+            for (int i = 0; i < half; i += 8) {
+                __m256 low = _mm256_loadu_ps(x + i), high = _mm256_loadu_ps(x + half + i);
+                __m256 new_low = _mm256_fnmadd_ps(high, _mm256_loadu_ps(s + i), _mm256_mul_ps(low, _mm256_loadu_ps(c + i)));
+                __m256 new_high = _mm256_fmadd_ps(low, _mm256_loadu_ps(s + half + i), _mm256_mul_ps(high, _mm256_loadu_ps(c + half + i)));
+                _mm256_storeu_ps(x + i, new_low);
+                _mm256_storeu_ps(x + half + i, new_high);
+            }
+        }
+    }
+}

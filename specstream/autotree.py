@@ -14,7 +14,7 @@ Sequoia, but per budget rather than per node, which keeps the Python per pass sm
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .costs import PassCosts
 from .records import StepRecord
@@ -39,6 +39,7 @@ class Plan:
     expected_tokens_per_pass: float
     expected_speedup: float  # over plain decoding, from the measured pass costs
     lookup_tokens: int = 0  # the most copied tokens to graft, where the text so far has a match
+    depth: int = 0  # streams drafted per node (the tree's depth); 0 = the decode settings' depth
 
 
 def _remember(tried: list[float], accepted: list[float], index: int, hit: bool) -> None:
@@ -145,8 +146,27 @@ def choose(
     return best or Plan(max_budget, expected_tokens(stats, top_k, max_budget), 1.0, max_lookup)
 
 
+def choose_depth(
+    stats: AcceptanceStats,
+    top_k: tuple[int, ...],
+    costs: dict[int, PassCosts],
+    max_budget: int,
+    lookup: LookupStats | None = None,
+    max_lookup: int = 0,
+) -> Plan:
+    """The depth (streams per node, from the keys of `costs`, each depth's measured pass costs) and
+    the plan at that depth with the most expected tokens per second. A deeper tree wins where its
+    extra stream rows are cheap (a GPU); on a small CPU their cost can outweigh the third stream's
+    few accepted drafts."""
+    plans = [
+        replace(choose(stats, top_k[:depth], table, max_budget, lookup, max_lookup), depth=depth)
+        for depth, table in sorted(costs.items())
+    ]
+    return max(plans, key=lambda plan: plan.expected_speedup)
+
+
 class TreePlanner:
-    """Chooses each pass's node budget from the device's measured pass costs and the acceptance
+    """Chooses each pass's depth and node budget from the device's measured pass costs and the acceptance
     statistics of this model's runs so far (kept per model and process, so later runs start
     from what earlier ones saw)."""
 
@@ -155,7 +175,7 @@ class TreePlanner:
         top_k: tuple[int, ...],
         max_budget: int,
         stats: AcceptanceStats,
-        costs: PassCosts,
+        costs: dict[int, PassCosts],  # by depth
         lookup: LookupStats | None = None,
         max_lookup: int = 0,
     ):
@@ -165,7 +185,7 @@ class TreePlanner:
         self.plan = self._choose()
 
     def _choose(self) -> Plan:
-        return choose(self.stats, self.top_k, self.costs, self.max_budget, self.lookup, self.max_lookup)
+        return choose_depth(self.stats, self.top_k, self.costs, self.max_budget, self.lookup, self.max_lookup)
 
     def observe(self, record: StepRecord) -> None:
         self.stats.observe(record)

@@ -40,11 +40,17 @@ def _bushy_parents(size: int, branching: int = 3) -> list[int]:
 
 @torch.inference_mode()
 def pass_seconds(
-    model: SpeculativeModel, sizes: list[int], prompt_length: int = 200, repeats: int = 7, deferred: bool = False
+    model: SpeculativeModel,
+    sizes: list[int],
+    prompt_length: int = 200,
+    repeats: int = 7,
+    deferred: bool = False,
+    depth: int | None = None,
 ) -> dict[int, float]:
     """Median wall time of one decoding pass (tree forward, verification logits, draft logits at
     one node) per tree size; size 1 without streams is a plain decoding step. `deferred` computes
-    the streams as a deferred decoder does: one node's, after the tree pass."""
+    the streams as a deferred decoder does: one node's, after the tree pass; `depth` streams per
+    node (default: all of the adapter's)."""
     device = model.weights.device
     vocab = model.shape.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -53,7 +59,8 @@ def pass_seconds(
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     model.forward(cache, prompt, torch.arange(prompt_length, device=device), causal)
     cache.advance(prompt_length)
-    passes = {size: _measured_pass(model, cache, size, prompt_length, generator, deferred) for size in sizes}
+    depth = model.gamma if depth is None else depth
+    passes = {size: _measured_pass(model, cache, size, prompt_length, generator, deferred, depth) for size in sizes}
     timings: dict[int, list[float]] = {size: [] for size in sizes}
     # Round-robin over the sizes, so that a burst of load from a neighbour on a shared machine
     # spreads over all sizes instead of inflating one of them.
@@ -67,7 +74,7 @@ def pass_seconds(
     return {size: statistics.median(times[1:]) for size, times in timings.items()}
 
 
-def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int, generator, deferred: bool):
+def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int, generator, deferred: bool, depth: int):
     """One decoding pass over a bushy tree of `size` random nodes, as a callable."""
     device = model.weights.device
     parents = _bushy_parents(size)
@@ -80,13 +87,13 @@ def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int
     streams = "all" if size > 1 and model.adapter is not None and not deferred else None
 
     def run() -> None:
-        out = model.forward(cache, tokens, positions, mask, stream_sources=streams)
+        out = model.forward(cache, tokens, positions, mask, stream_sources=streams, gamma=depth or None)
         # As the decoder verifies: row by row, one per accepted token (random drafts: the root
         # alone; `per_token` prices the rest), or every row at once.
         model.logits(out.main_hidden[:1] if model.verifies_row_by_row else out.main_hidden).argmax(-1).tolist()
         stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
         if deferred and model.adapter is not None:
-            stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
+            stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], depth)
         if stream_hidden is not None:
             model.draft_topk(stream_hidden, 4)
 
@@ -131,10 +138,11 @@ def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:
     return statistics.median(timings[1:])
 
 
-def device_costs(model: SpeculativeModel, deferred: bool) -> PassCosts:
-    """The running device's pass costs: measured once per model and process, and kept on disk
-    for the next start."""
-    key = _device_key(model, deferred)
+def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = None) -> PassCosts:
+    """The running device's pass costs with `depth` streams per node (default: all): measured once
+    per model and process, and kept on disk for the next start."""
+    depth = model.gamma if depth is None else depth
+    key = _device_key(model, deferred, depth)
     if key in _measured.get(model, {}):
         return _measured[model][key]
     path = cache_root() / "pass-costs.json"
@@ -143,7 +151,8 @@ def device_costs(model: SpeculativeModel, deferred: bool) -> PassCosts:
         costs = PassCosts(table[key]["plain"], {int(k): v for k, v in table[key]["tree"].items()}, table[key]["per_token"])
     except (KeyError, TypeError, ValueError, AttributeError):
         plain = pass_seconds(SpeculativeModel(model.weights, None), [1], repeats=9)[1]
-        costs = PassCosts(plain, pass_seconds(model, list(SIZES), repeats=5, deferred=deferred), head_row_seconds(model))
+        tree = pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth)
+        costs = PassCosts(plain, tree, head_row_seconds(model))
         table[key] = {"plain": costs.plain, "tree": costs.tree, "per_token": costs.per_token}
         _write_json(path, table)
     _measured.setdefault(model, {})[key] = costs
@@ -159,7 +168,7 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
-def _device_key(model: SpeculativeModel, deferred: bool) -> str:
+def _device_key(model: SpeculativeModel, deferred: bool, depth: int) -> str:
     device = model.weights.device
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -168,7 +177,8 @@ def _device_key(model: SpeculativeModel, deferred: bool) -> str:
     config = model.adapter.config if model.adapter else None
     # COST_MODEL names what a measured pass includes; a new one makes old tables stale.
     parts = [COST_MODEL, where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",
-             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}/{config.draft_vocab_size}" if config else "none"]
+             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}/{config.draft_vocab_size}" if config else "none",
+             f"depth {depth}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

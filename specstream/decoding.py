@@ -189,6 +189,7 @@ def _next_draft(
     depth below the last token of `context`, plus a prompt-lookup branch; sizes from the auto
     tree's plan, else from the settings."""
     budget, copied = (plan.node_budget, plan.lookup_tokens) if plan else (settings.node_budget, settings.lookup_tokens)
+    depth = min(plan.depth or depth, len(stream_hidden)) if plan else depth
     top_probs, top_tokens = model.draft_topk(stream_hidden[:depth], max(settings.top_k[:depth]))
     tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], budget)
     if copied:
@@ -219,7 +220,8 @@ def specstream_decode(
     while not reason:
         step += 1
         started = time.perf_counter()
-        pass_result = _tree_pass(model, cache, tree, settings, depth)
+        # The streams this pass computes draft the next tree: as many as the current plan wants.
+        pass_result = _tree_pass(model, cache, tree, settings, plan.depth or depth if plan else depth)
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
         tree_done, plan_done = tree, plan
@@ -243,7 +245,7 @@ def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) 
     """The auto tree's planner for one run: this device's pass costs (measured once, before any
     pass is timed) and the acceptance statistics of the model's earlier runs."""
     top_k = settings.top_k[:depth]
-    costs = device_costs(model, settings.deferred_streams())
+    costs = {d: device_costs(model, settings.deferred_streams(), d) for d in range(1, depth + 1)}
     shared = _shared_stats.setdefault(model, {})
     stats = shared.setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
     lookup = shared.setdefault("lookup", LookupStats(MAX_LOOKUP_TOKENS)) if settings.lookup_tokens else None

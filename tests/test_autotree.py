@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from specstream import costs, decoding
-from specstream.autotree import AcceptanceStats, LookupStats, choose, expected_tokens, lookup_length
+from specstream.autotree import AcceptanceStats, LookupStats, choose, choose_depth, expected_tokens, lookup_length
 from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.records import NodeRecord, StepRecord
@@ -157,3 +157,13 @@ def test_node_cost_is_the_measured_slope():
     assert table.node_seconds(3) == pytest.approx(0.002)
     assert table.node_seconds(8) == pytest.approx(0.004)  # beyond the table: the last slope
     assert PassCosts(0.01, {1: 0.02, 2: 0.01}, 0.0).node_seconds(1) == 0.0  # noise never makes nodes free money
+
+
+def test_depth_follows_what_each_depth_costs():
+    stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    gpu = {d: PassCosts(0.010, {n: 0.010 for n in costs.SIZES}, 0.0) for d in (1, 2, 3)}
+    # a small CPU: each stream per node costs a tenth of a token more, on top of each node's own cost
+    cpu = {d: PassCosts(0.010, {n: 0.010 * (1 + n * (0.1 + 0.1 * d)) for n in costs.SIZES}, 0.0) for d in (1, 2, 3)}
+    deep, shallow = choose_depth(stats, (3, 3, 3), gpu, 64), choose_depth(stats, (3, 3, 3), cpu, 64)
+    assert deep.depth == 3 and shallow.depth < 3
+    assert shallow == dataclasses.replace(choose(stats, (3, 3, 3)[: shallow.depth], cpu[shallow.depth], 64), depth=shallow.depth)

@@ -70,7 +70,7 @@ def _inputs() -> SimpleNamespace:
     with gr.Accordion("Settings", open=False):
         with gr.Row():
             ui.max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
-            ui.gamma = gr.Slider(1, 8, value=3, step=1, label="Tree depth γ (streams used; up to the adapter's)")
+            ui.gamma = gr.Slider(1, 8, value=3, step=1, label="Tree depth γ (the most streams used, up to the adapter's; the auto tree may use fewer)")
         ui.auto_tree = gr.Checkbox(True, label="Auto tree: each pass drafts the tree size that this machine's "
                                                "measured pass costs and the acceptance so far say is fastest")
         with gr.Row():

@@ -81,8 +81,9 @@ def step_markdown(record: StepRecord | None, step_count: int) -> str:
 def _forecast(record: StepRecord) -> str:
     if record.expected_tokens_per_pass is None:
         return ""
-    return (f" · auto tree chose {len(record.nodes)} nodes, expecting {record.expected_tokens_per_pass:.2f} tokens "
-            f"and {record.expected_speedup:.2f}× plain")
+    depth = max((node.depth for node in record.nodes if node.source == "stream"), default=0)
+    return (f" · auto tree chose {len(record.nodes)} nodes, stream depth {depth}, expecting "
+            f"{record.expected_tokens_per_pass:.2f} tokens and {record.expected_speedup:.2f}× plain")
 
 
 def write_trace_file(trace: Trace, info: dict) -> str:

@@ -15,6 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -116,10 +117,8 @@ class PassCosts:
         sizes = sorted(self.tree)
         if len(sizes) < 2:
             return 0.0
-        upper = next((s for s in sizes if s > size), sizes[-1])
-        lower = sizes[sizes.index(upper) - 1] if upper != sizes[0] else sizes[0]
-        if upper == lower:
-            lower, upper = sizes[0], sizes[1]
+        above = next((i for i, s in enumerate(sizes) if s > size), len(sizes) - 1)
+        lower, upper = sizes[max(above, 1) - 1], sizes[max(above, 1)]
         return max((self.tree[upper] - self.tree[lower]) / (upper - lower), 0.0)
 
 
@@ -140,23 +139,39 @@ def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:
 
 def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = None) -> PassCosts:
     """The running device's pass costs with `depth` streams per node (default: all): measured once
-    per model and process, and kept on disk for the next start."""
+    per model and process, and kept on disk for the next start. The plain step and the head row do
+    not depend on the tree, so the tables of every depth share one measurement of them (and the
+    speedups the auto tree compares across depths share one denominator)."""
     depth = model.gamma if depth is None else depth
-    key = _device_key(model, deferred, depth)
-    if key in _measured.get(model, {}):
-        return _measured[model][key]
-    path = cache_root() / "pass-costs.json"
-    table = _read_json(path)
-    try:
-        costs = PassCosts(table[key]["plain"], {int(k): v for k, v in table[key]["tree"].items()}, table[key]["per_token"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        plain = pass_seconds(SpeculativeModel(model.weights, None), [1], repeats=9)[1]
-        tree = pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth)
-        costs = PassCosts(plain, tree, head_row_seconds(model))
-        table[key] = {"plain": costs.plain, "tree": costs.tree, "per_token": costs.per_token}
-        _write_json(path, table)
-    _measured.setdefault(model, {})[key] = costs
-    return costs
+    plain, per_token = _kept(
+        model,
+        _device_key(model, "plain step and head row"),
+        lambda: {"plain": pass_seconds(SpeculativeModel(model.weights, None), [1], repeats=9)[1],
+                 "per_token": head_row_seconds(model)},
+        lambda raw: (float(raw["plain"]), float(raw["per_token"])),
+    )
+    tree = _kept(
+        model,
+        _device_key(model, f"{'deferred' if deferred else 'joint'} tree, depth {depth}"),
+        lambda: pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth),
+        lambda raw: {int(size): float(seconds) for size, seconds in raw.items()},
+    )
+    return PassCosts(plain, tree, per_token)
+
+
+def _kept(model: SpeculativeModel, key: str, measure: Callable[[], dict], parse: Callable[[dict], Any]) -> Any:
+    """A measurement by key: from this process, else from the file on disk, else measured now and written."""
+    known = _measured.setdefault(model, {})
+    if key not in known:
+        path = cache_root() / "pass-costs.json"
+        table = _read_json(path)
+        try:
+            known[key] = parse(table[key])
+        except (KeyError, TypeError, ValueError, AttributeError):  # missing or damaged: measure again
+            table[key] = measure()
+            _write_json(path, table)
+            known[key] = parse(table[key])
+    return known[key]
 
 
 def cpu_name() -> str:
@@ -168,7 +183,7 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
-def _device_key(model: SpeculativeModel, deferred: bool, depth: int) -> str:
+def _device_key(model: SpeculativeModel, part: str) -> str:
     device = model.weights.device
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -176,9 +191,8 @@ def _device_key(model: SpeculativeModel, deferred: bool, depth: int) -> str:
         where = f"{cpu_name()} x{torch.get_num_threads()}, {model.weights.matmul} matmul"
     config = model.adapter.config if model.adapter else None
     # COST_MODEL names what a measured pass includes; a new one makes old tables stale.
-    parts = [COST_MODEL, where, str(model.weights.dtype), torch.__version__, repr(model.shape), "deferred" if deferred else "joint",
-             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}/{config.draft_vocab_size}" if config else "none",
-             f"depth {depth}"]
+    parts = [COST_MODEL, where, str(model.weights.dtype), torch.__version__, repr(model.shape), part,
+             f"{config.gamma}/{config.stream_layers}/{config.lora_rank}/{config.draft_vocab_size}" if config else "none"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -135,11 +135,10 @@ def choose(
         if size > max_budget:
             break
         tokens = expected_tokens(stats, top_k, size)
-        copied, added = 0, 0.0
+        copied, added, node = 0, 0.0, costs.node_seconds(size)
         if lookup is not None and max_lookup:
-            node = costs.node_seconds(size)
             copied, added = lookup_length(lookup, max_lookup, node, tokens / costs.seconds(size, tokens))
-        seconds = costs.seconds(size, tokens + added) + copied * costs.node_seconds(size)
+        seconds = costs.seconds(size, tokens + added) + copied * node
         plan = Plan(size, tokens + added, (tokens + added) * costs.plain / seconds, copied)
         if best is None or plan.expected_speedup > best.expected_speedup:
             best = plan

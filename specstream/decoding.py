@@ -61,7 +61,7 @@ class DecodeSettings:
         if not 1 <= self.node_budget <= MAX_NODE_BUDGET:
             problems.append(f"node budget must be 1 to {MAX_NODE_BUDGET}, not {self.node_budget}")
         if not 0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS or not 1 <= self.lookup_ngram <= 8:
-            problems.append("prompt lookup takes 0 to 16 tokens and n-grams of 1 to 8 tokens")
+            problems.append(f"prompt lookup takes 0 to {MAX_LOOKUP_TOKENS} tokens and n-grams of 1 to 8 tokens")
         if self.tree not in ("auto", "fixed"):
             problems.append(f"tree must be auto or fixed, not '{self.tree}'")
         if self.stream_pass not in ("auto", "joint", "deferred"):
@@ -189,7 +189,7 @@ def _next_draft(
     depth below the last token of `context`, plus a prompt-lookup branch; sizes from the auto
     tree's plan, else from the settings."""
     budget, copied = (plan.node_budget, plan.lookup_tokens) if plan else (settings.node_budget, settings.lookup_tokens)
-    depth = min(plan.depth or depth, len(stream_hidden)) if plan else depth
+    depth = min(_planned_depth(plan, depth), len(stream_hidden))
     top_probs, top_tokens = model.draft_topk(stream_hidden[:depth], max(settings.top_k[:depth]))
     tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], budget)
     if copied:
@@ -221,7 +221,7 @@ def specstream_decode(
         step += 1
         started = time.perf_counter()
         # The streams this pass computes draft the next tree: as many as the current plan wants.
-        pass_result = _tree_pass(model, cache, tree, settings, plan.depth or depth if plan else depth)
+        pass_result = _tree_pass(model, cache, tree, settings, _planned_depth(plan, depth))
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
         tree_done, plan_done = tree, plan
@@ -236,6 +236,11 @@ def specstream_decode(
         if planner:
             planner.observe(record)
         yield record
+
+
+def _planned_depth(plan: Plan | None, depth: int) -> int:
+    """The streams per node the auto tree's plan drafts, else the settings' depth."""
+    return plan.depth if plan and plan.depth else depth
 
 
 _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

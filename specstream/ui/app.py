@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from . import figures, views
-from ..decoding import DecodeSettings
+from ..decoding import MAX_LOOKUP_TOKENS, DecodeSettings
 from .handlers import DEFAULT_TOP_K_TEXT, MAX_NEW_TOKENS, Session, acquire_device, compare, make_settings, prompt_ids
 from .highlight import plain_html, specstream_html
 from .race import MEASUREMENT_NOTE, Trace, race
@@ -79,7 +79,7 @@ def _inputs() -> SimpleNamespace:
                                        label="Node budget (tree size, root included; the most the auto tree may use)")
             ui.prune_threshold = gr.Slider(0.0, 0.99, value=0.0, step=0.01,
                                            label="Pruning threshold (0 = off; drops unlikely subtrees early)")
-            ui.lookup_tokens = gr.Slider(0, 16, value=DecodeSettings.lookup_tokens, step=1,
+            ui.lookup_tokens = gr.Slider(0, MAX_LOOKUP_TOKENS, value=DecodeSettings.lookup_tokens, step=1,
                                          label="Prompt-lookup branch (tokens copied from earlier text; 0 = off)")
     return ui
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specstream import bench
+from specstream import ablation, bench
 from specstream.adapter import save_adapter
 
 from .conftest import random_adapter
@@ -57,3 +57,19 @@ def test_bench_category_filter_and_errors(tiny_dir, prompt_file, tmp_path):
         bench.main(argv(methods="magic"))
     with pytest.raises(SystemExit, match="adapter folder .* does not exist"):
         bench.main(argv(adapter=str(tmp_path / "missing")))
+
+
+def test_ablation_rows_are_lossless_variants(tiny_dir, tiny_base, prompt_file, tmp_path):
+    adapter = save_adapter(random_adapter(tiny_base, 0), tmp_path / "adapter")
+    argv = ["--prompts", str(prompt_file), "--per-category", "1", "--max-new-tokens", "10", "--adapter", str(adapter),
+            "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float64", "--quiet",
+            "--json", str(tmp_path / "ablation.json"), "--markdown", str(tmp_path / "ablation.md")]
+    ablation.main(argv)
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert result["prompts"] == 2  # one writing, one coding prompt
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert list(rows) == list(ablation.VARIANTS)
+    assert rows["plain"]["tau"] == 1.0 and rows["plain"]["speedup_vs_plain"] == 1.0
+    assert all(r["identical"] == 2 for r in rows.values()), rows
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert len(table) == 2 + len(ablation.VARIANTS) and table[2].startswith("| plain | 1.00 |")

@@ -1,0 +1,136 @@
+"""Where the speed comes from: plain decoding and Speculative Streaming with one setting changed
+at a time (tree size, pruning, prompt-lookup branches), on the same prompts in one process.
+
+    python -m specstream.ablation --prompts FILE.jsonl --per-category 2 --max-new-tokens 128 \\
+        --json OUT.json [--markdown OUT.md] [--adapter PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .adapter import AdapterError
+from .bench import WARMUP_TOKENS, Outcome, Runner, machine_info, read_prompts
+from .decoding import DecodeSettings, SettingsError
+from .engine import build_model, default_adapter_path
+from .loading import ModelLoadError, load_base_model
+
+# Each variant is the default with these fields changed; None is plain decoding. The fixed trees
+# show what bigger trees buy in tau and cost in time; the default is the auto tree.
+VARIANTS: dict[str, dict | None] = {
+    "plain": None,
+    "default (auto tree, prompt lookup)": {},
+    "no prompt lookup (auto tree)": {"lookup_tokens": 0},
+    "fixed tree, 4 nodes, no lookup": {"tree": "fixed", "node_budget": 4, "lookup_tokens": 0},
+    "fixed tree, 8 nodes, no lookup": {"tree": "fixed", "node_budget": 8, "lookup_tokens": 0},
+    "fixed tree, 16 nodes, no lookup": {"tree": "fixed", "node_budget": 16, "lookup_tokens": 0},
+    "pruning on (threshold 0.05)": {"prune_threshold": 0.05},
+}
+
+
+def pick_per_category(prompts: list, count: int) -> list:
+    """The first `count` prompts of each category, in file order."""
+    taken: dict[str, int] = {}
+    picked = []
+    for prompt in prompts:
+        if taken.get(prompt.category, 0) < count:
+            taken[prompt.category] = taken.get(prompt.category, 0) + 1
+            picked.append(prompt)
+    return picked
+
+
+def row(name: str, runs: list[Outcome], reference: list[list[int]], plain_rate: float | None) -> dict:
+    tokens = sum(len(o.tokens) for o in runs)
+    seconds = sum(o.seconds for o in runs)
+    rate = tokens / seconds if seconds else 0.0
+    return {
+        "setting": name,
+        "tau": round(tokens / max(sum(o.forward_passes for o in runs), 1), 3),
+        "tokens_per_s": round(rate, 2),
+        "speedup_vs_plain": round(rate / plain_rate, 3) if plain_rate else 1.0,
+        "identical": sum(o.tokens == ref for o, ref in zip(runs, reference)),
+    }
+
+
+def markdown(rows: list[dict], prompts: int) -> str:
+    lines = ["| setting | τ (tokens/pass) | tokens/s | × plain | identical |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} | {r['speedup_vs_plain']:.2f} "
+                     f"| {r['identical']}/{prompts} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablate(args: argparse.Namespace) -> dict:
+    prompts = pick_per_category(read_prompts(args.prompts, args.limit, None), args.per_category)
+    if not prompts:
+        raise SystemExit(f"no prompts in {args.prompts}")
+    base = load_base_model(args.model, device=args.device, dtype=args.dtype)
+    model = build_model(base, args.adapter or "default")
+    default = DecodeSettings(max_new_tokens=args.max_new_tokens).validate(model)
+    runners = {name: Runner(base, model, replace(default, **(change or {})).validate(model))
+               for name, change in VARIANTS.items()}
+    prompt_ids = [base.chat_prompt(p.text) for p in prompts]
+    # Warm-up: first-call allocations, and the auto tree's cost table and acceptance statistics.
+    for name, runner in runners.items():
+        runner.run("plain" if VARIANTS[name] is None else "specstream", prompt_ids[0], WARMUP_TOKENS)
+    outcomes = {}
+    for name, runner in runners.items():
+        method = "plain" if VARIANTS[name] is None else "specstream"
+        outcomes[name] = [runner.run(method, ids, args.max_new_tokens)
+                          for ids in tqdm(prompt_ids, desc=f"{name[:28]:>28}", file=sys.stderr, disable=args.quiet)]
+    reference = [o.tokens for o in outcomes["plain"]]
+    plain_rate = row("plain", outcomes["plain"], reference, None)["tokens_per_s"]
+    adapter_path = args.adapter or default_adapter_path(base)
+    return {
+        "model": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        "adapter": str(adapter_path) if adapter_path else "fresh (untrained)",
+        "prompts": len(prompts), "prompt_file": str(args.prompts), "max_new_tokens": args.max_new_tokens,
+        "variants": {name: change for name, change in VARIANTS.items()},
+        "rows": [row(name, runs, reference, plain_rate) for name, runs in outcomes.items()],
+        "machine": machine_info(base),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m specstream.ablation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=Path, required=True, help="Spec-Bench style JSONL")
+    parser.add_argument("--limit", type=int, default=80, help="choose among the first N prompts")
+    parser.add_argument("--per-category", type=int, default=2, help="prompts taken from each category")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    parser.add_argument("--adapter", default=None, help="adapter folder; default: the one in assets/")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id; default: SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.max_new_tokens < 1 or args.per_category < 1:
+        raise SystemExit("--max-new-tokens and --per-category must be at least 1")
+    try:
+        result = ablate(args)
+    except (AdapterError, ModelLoadError, SettingsError) as error:
+        raise SystemExit(f"error: {error}") from None
+    table = markdown(result["rows"], result["prompts"])
+    print(f"\n{result['model']} on {result['device']} ({result['dtype']}), {result['prompts']} prompts, "
+          f"adapter: {result['adapter']}\n\n{table}")
+    for path, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, table)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

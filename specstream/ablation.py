@@ -26,7 +26,8 @@ from .loading import ModelLoadError, load_base_model
 VARIANTS: dict[str, dict | None] = {
     "plain": None,
     "default (auto tree, prompt lookup)": {},
-    "no prompt lookup (auto tree)": {"lookup_tokens": 0},
+    "no phrase table (auto tree, prompt lookup)": {"phrases": False},
+    "no copied branch (auto tree)": {"lookup_tokens": 0},
     "fixed tree, 4 nodes, no lookup": {"tree": "fixed", "node_budget": 4, "lookup_tokens": 0},
     "fixed tree, 8 nodes, no lookup": {"tree": "fixed", "node_budget": 8, "lookup_tokens": 0},
     "fixed tree, 16 nodes, no lookup": {"tree": "fixed", "node_budget": 16, "lookup_tokens": 0},

@@ -17,7 +17,7 @@ import heapq
 from dataclasses import dataclass, replace
 
 from .costs import PassCosts
-from .records import StepRecord
+from .records import COPIED_SOURCES, StepRecord
 from .tree import Fate
 
 # Prior acceptance of the stream's top choice at depth 1, halved per rank and per extra depth, worth
@@ -74,7 +74,8 @@ class AcceptanceStats:
 
 
 class LookupStats:
-    """Per position in a prompt-lookup chain (its depth): how often a verified copied token was accepted."""
+    """Per position in a copied chain (its depth): how often a verified copied token was accepted.
+    Prompt lookup and the phrase table share one chain per pass, so they share these statistics."""
 
     def __init__(self, length: int):
         self.tried = [PRIOR_WEIGHT] * length
@@ -86,7 +87,7 @@ class LookupStats:
 
     def observe(self, record: StepRecord) -> None:
         for node in record.nodes:
-            if node.source == "lookup" and node.fate in (Fate.ACCEPTED, Fate.REJECTED) and node.depth <= len(self.tried):
+            if node.source in COPIED_SOURCES and node.fate in (Fate.ACCEPTED, Fate.REJECTED) and node.depth <= len(self.tried):
                 _remember(self.tried, self.accepted, node.depth - 1, node.fate == Fate.ACCEPTED)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .adapter import AdapterConfig, StreamAdapter, load_adapter
 from .loading import BaseModel
+from .phrases import PhraseTable
 from .streams import SpeculativeModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -24,12 +25,14 @@ def default_adapter_path(base: BaseModel) -> Path | None:
 
 
 def build_model(base: BaseModel, adapter: str | Path | StreamAdapter | None = "default") -> SpeculativeModel:
-    """adapter: "default" (shipped, else fresh), "fresh", a path, an adapter, or None (plain only)."""
+    """adapter: "default" (shipped, else fresh), "fresh", a path, an adapter, or None (plain only).
+    An adapter folder's phrase table, where it has one, comes with it."""
     if adapter == "default":
-        path = default_adapter_path(base)
-        adapter = load_adapter(path, base.weights.shape, base.identity) if path else fresh_adapter(base)
-    elif adapter == "fresh":
-        adapter = fresh_adapter(base)
-    elif isinstance(adapter, (str, Path)):
-        adapter = load_adapter(adapter, base.weights.shape, base.identity)
+        adapter = default_adapter_path(base) or "fresh"
+    if adapter == "fresh":
+        return SpeculativeModel(base.weights, fresh_adapter(base))
+    if isinstance(adapter, (str, Path)):
+        folder = Path(adapter).parent if Path(adapter).is_file() else Path(adapter)
+        loaded = load_adapter(adapter, base.weights.shape, base.identity)
+        return SpeculativeModel(base.weights, loaded, PhraseTable.load(folder, base.weights.shape.vocab_size))
     return SpeculativeModel(base.weights, adapter)

@@ -22,7 +22,16 @@ class NodeRecord:
     fate: Fate
     main_choice: int | None  # the main stream's greedy token after this node; None where verification did not need it
     main_choice_text: str | None
-    source: str = "stream"  # "root", "stream" (proposed by stream `stream`) or "lookup" (copied from earlier text)
+    # "root", "stream" (proposed by stream `stream`), "lookup" (copied from earlier text) or
+    # "phrase" (the model's own frequent continuation, from the phrase table)
+    source: str = "stream"
+
+
+# Where a node that no stream proposed came from, in words.
+COPIED_SOURCES = {
+    "lookup": "copied from earlier text (prompt lookup)",
+    "phrase": "a frequent phrase of the model (phrase table)",
+}
 
 
 @dataclass(frozen=True)

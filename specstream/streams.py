@@ -18,6 +18,7 @@ import torch
 from .adapter import StreamAdapter
 from .kv_cache import KVCache
 from .llama import LlamaWeights, decoder_layer, rms_norm, rotary_tables
+from .phrases import PhraseTable
 from .cpu_kernels import PackedMatrix, pack
 
 RowSelector = Callable[[torch.Tensor], list[int] | None]
@@ -89,8 +90,9 @@ class PassOutput:
 class SpeculativeModel:
     """Base weights (frozen) and an optional stream adapter, on one device and dtype."""
 
-    def __init__(self, weights: LlamaWeights, adapter: StreamAdapter | None):
+    def __init__(self, weights: LlamaWeights, adapter: StreamAdapter | None, phrases: PhraseTable | None = None):
         self.weights = weights
+        self.phrases = phrases  # a draft source beside the streams; see phrases.py
         self.shape = weights.shape
         if adapter is not None:
             adapter = adapter.to(device=weights.device, dtype=weights.dtype).eval().requires_grad_(False)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from .adapter import AdapterConfig, AdapterError, StreamAdapter, save_adapter
 from .loading import ModelLoadError, cache_root, load_base_model
 from .draft_vocab import frequency_ranked
-from .selfdistill import build_dataset, refuse_benchmark
+from .phrases import PhraseTable
+from .selfdistill import Sample, build_dataset, refuse_benchmark
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.features import Features, Sequence, main_stream_features, to_sequences
 from .training.objective import StreamObjective
@@ -135,7 +136,7 @@ def train(args: argparse.Namespace) -> dict:
     result = run_steps(accelerator, model, optimizer, features, settings, start, args, base)
     result["eval"] = evaluate(objective, eval_features)
     if accelerator.is_main_process:
-        finish(args, adapter, result, settings, len(samples), sequences)
+        finish(args, adapter, result, settings, samples, sequences)
     return result
 
 
@@ -172,8 +173,10 @@ def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, 
             "mixed_precision": args.mixed_precision}
 
 
-def finish(args, adapter: StreamAdapter, result: dict, settings: TrainSettings, samples: int, sequences) -> None:
-    result |= {"settings": asdict(settings), "samples": samples, "sequences": len(sequences),
+def finish(args, adapter: StreamAdapter, result: dict, settings: TrainSettings, samples: list[Sample], sequences) -> None:
+    phrases = PhraseTable.build(list(s.reply_ids) for s in samples)
+    phrases.save(args.out)
+    result |= {"settings": asdict(settings), "samples": len(samples), "sequences": len(sequences), "phrases": len(phrases),
                "tokens": sum(len(s.tokens) for s in sequences), "command": "python -m specstream.train " + " ".join(sys.argv[1:])}
     save_adapter(adapter, args.out, extra_metadata={k: result[k] for k in ("command", "samples", "tokens", "steps")})
     (args.out / "training_metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -30,7 +30,7 @@ class DraftNode:
     draft_prob: float  # the proposing stream's probability of this token; 1 for the root
     rank: int  # 0 for the stream's top choice
     path_prob: float  # product of draft probabilities from the root
-    source: str = "stream"  # "root", "stream", or "lookup" (copied from earlier text)
+    source: str = "stream"  # "root", "stream", "lookup" (copied from earlier text) or "phrase" (phrase table)
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,14 @@ def root_only(token: int) -> DraftTree:
     return DraftTree((DraftNode(token, -1, 0, 1.0, 0, 1.0, "root"),))
 
 
-def graft_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
+def graft_chain(tree: DraftTree, chain: list[int], source: str = "lookup") -> DraftTree:
     """Add a chain of tokens below the root, sharing any prefix the tree already holds."""
     nodes = list(tree.nodes)
     current = 0
     for token in chain:
         child = next((i for i, n in enumerate(nodes) if n.parent == current and n.token == token), None)
         if child is None:
-            nodes.append(DraftNode(token, current, nodes[current].depth + 1, 0.0, 0, 0.0, "lookup"))
+            nodes.append(DraftNode(token, current, nodes[current].depth + 1, 0.0, 0, 0.0, source))
             child = len(nodes) - 1
         current = child
     return DraftTree(tuple(nodes))

@@ -1,11 +1,13 @@
 """Lossless: greedy specstream output equals greedy plain output, whatever the adapter."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from specstream.decoding import DecodeSettings, SettingsError, plain_decode, specstream_decode
+from specstream.phrases import PhraseTable
 from specstream.streams import SpeculativeModel
 from specstream.tree import Fate
 
@@ -177,3 +179,19 @@ def test_draft_vocabulary_limits_drafts_not_outputs(tiny_base):
     assert drafted and drafted <= set(allowed)
     full = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 5))  # same weights, whole vocabulary
     assert {n.token_id for r in specstream_decode(full, [5, 9, 11], WIDE) for n in r.nodes} - set(allowed)
+
+
+def test_phrase_table_branch_is_verified_losslessly(tiny_base):
+    """A phrase table that knows the model's own reply: its chain is drafted where prompt lookup
+    has nothing longer, the tokens the model repeats are accepted from it, and output stays plain's."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 2))
+    reply = tokens_of(plain_decode(model, [5, 6, 7], DecodeSettings(max_new_tokens=30, stop_at_eos=False)))
+    model.phrases = PhraseTable.build([reply, reply], min_count=2)
+    settings = DecodeSettings(max_new_tokens=24, top_k=(1,), node_budget=2, tree="fixed", lookup_tokens=8, stop_at_eos=False)
+    plain, spec = decode_both(model, [5, 6, 7], settings)
+    assert tokens_of(spec) == tokens_of(plain)
+    phrase_accepted = [n for r in spec[1:] for n in r.nodes if n.source == "phrase" and n.fate is Fate.ACCEPTED]
+    assert len(phrase_accepted) >= 8
+    assert sum(len(r.emitted_tokens) for r in spec[1:]) / (len(spec) - 1) > 2  # copied runs are long
+    off = list(specstream_decode(model, [5, 6, 7], replace(settings, phrases=False)))
+    assert tokens_of(off) == tokens_of(plain) and not any(n.source == "phrase" for r in off for n in r.nodes)

@@ -50,6 +50,7 @@ def test_loss_falls_and_base_is_untouched(tiny_dir, tmp_path):
     model = build_model(base, tmp_path / "a")
     greedy_after = [t for r in plain_decode(model, prompt, DecodeSettings(max_new_tokens=12)) for t in r.emitted_tokens]
     assert greedy_after == greedy_before
+    assert len(model.phrases) == result["phrases"] > 0  # the phrase table of the training replies came along
     assert json.loads((tmp_path / "a" / "training_metrics.json").read_text())["steps"] == result["steps"]
 
 

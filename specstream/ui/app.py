@@ -80,7 +80,7 @@ def _inputs() -> SimpleNamespace:
             ui.prune_threshold = gr.Slider(0.0, 0.99, value=0.0, step=0.01,
                                            label="Pruning threshold (0 = off; drops unlikely subtrees early)")
             ui.lookup_tokens = gr.Slider(0, MAX_LOOKUP_TOKENS, value=DecodeSettings.lookup_tokens, step=1,
-                                         label="Prompt-lookup branch (tokens copied from earlier text; 0 = off)")
+                                         label="Copied branch: prompt lookup or phrase table (tokens; 0 = off)")
     return ui
 
 
@@ -111,7 +111,8 @@ def _replay(ui: SimpleNamespace) -> None:
             ui.clicked_step = gr.Textbox(elem_id="ss-clicked-step", show_label=False, container=False)
             ui.step_text = gr.Markdown(views.step_markdown(None, 0))
             gr.Markdown("Green: accepted (bold: the accepted path) · red: rejected by the main stream · "
-                        "grey: pruned early · pale: never verified · diamonds: copied from earlier text (prompt lookup). Hover a node for its stream, draft "
+                        "grey: pruned early · pale: never verified · diamonds: copied from earlier text (prompt lookup) · "
+                        "squares: a frequent phrase of the model (phrase table). Hover a node for its stream, draft "
                         "probability, rank, pruning score and the main stream's own choice.", elem_classes="ss-note")
         with gr.Column(scale=2, min_width=340):
             ui.tree = gr.Plot(figures.tree_figure(None), show_label=False, elem_id="ss-tree")

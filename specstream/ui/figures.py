@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from ..records import NodeRecord, StepRecord
+from ..records import COPIED_SOURCES, NodeRecord, StepRecord
 from ..streams import stream_attention_mask
 from ..tree import Fate, tree_attention_mask
 from .highlight import visible
 from .race import Trace
 
+SYMBOLS = {"lookup": "diamond", "phrase": "square"}
 FATE_COLOURS = {
     Fate.ACCEPTED: "#16a34a",
     Fate.REJECTED: "#dc2626",
@@ -62,8 +63,8 @@ def tree_positions(nodes: tuple[NodeRecord, ...]) -> dict[int, tuple[float, floa
 def _node_hover(node: NodeRecord, nodes) -> str:
     if node.parent < 0:
         head = f"<b>root</b> {visible(node.text)!s}<br>the last accepted token"
-    elif node.source == "lookup":
-        head = f"<b>{visible(node.text)}</b> · {node.fate.value}<br>copied from earlier text (prompt lookup)"
+    elif node.source in COPIED_SOURCES:
+        head = f"<b>{visible(node.text)}</b> · {node.fate.value}<br>{COPIED_SOURCES[node.source]}"
     else:
         head = (f"<b>{visible(node.text)}</b> · {node.fate.value}<br>stream {node.stream} · "
                 f"draft p={node.draft_prob:.3f} · rank {node.rank + 1}")
@@ -102,7 +103,7 @@ def tree_figure(record: StepRecord | None) -> go.Figure:
             mode="markers+text", name=fate.value, text=[visible(n.text) for n in nodes],
             textposition=["top center" if n.parent < 0 else "middle right" for n in nodes], textfont=dict(size=12),
             marker=dict(size=[20 if n.parent < 0 else 14 for n in nodes], color=colour,
-                        symbol=["diamond" if n.source == "lookup" else "circle" for n in nodes],
+                        symbol=[SYMBOLS.get(n.source, "circle") for n in nodes],
                         line=dict(color="#374151", width=1)),
             hovertext=[_node_hover(n, record.nodes) for n in nodes], hoverinfo="text",
         ))

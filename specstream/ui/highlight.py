@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 
-from ..records import StepRecord
+from ..records import COPIED_SOURCES, StepRecord
 
 # Pale, distinguishable bands that keep dark text readable; cycled by step.
 BANDS = ("#dbeafe", "#dcfce7", "#fef3c7", "#fce7f3", "#e0e7ff", "#ccfbf1")
@@ -42,8 +42,8 @@ def token_roles(record: StepRecord) -> list[tuple[str, float | None, int | None]
     for position, _ in enumerate(record.emitted_tokens):
         if record.step == 0:
             roles.append(("prefill pass: the main stream's first token", None, None))
-        elif position < len(drafted) and drafted[position].source == "lookup":
-            roles.append(("copied from earlier text (prompt lookup), accepted", None, None))
+        elif position < len(drafted) and drafted[position].source in COPIED_SOURCES:
+            roles.append((f"{COPIED_SOURCES[drafted[position].source]}, accepted", None, None))
         elif position < len(drafted):
             node = drafted[position]
             roles.append((f"draft from stream {node.stream}, accepted", node.draft_prob, node.rank))

@@ -14,7 +14,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class Outcome:
     tokens: list[int]
     seconds: float
     forward_passes: int
+    accepted_by_source: dict[str, int] = field(default_factory=dict)  # accepted drafts: stream, lookup, phrase
 
 
 def read_prompts(path: Path, limit: int | None, category: str | None) -> list[Prompt]:
@@ -78,6 +80,7 @@ class Runner:
         settings = DecodeSettings(**(asdict(self.settings) | {"max_new_tokens": max_new_tokens}))
         self._sync()
         started = time.perf_counter()
+        records = []
         if method in DECODERS:
             records = list(DECODERS[method](self.model, prompt_ids, settings))
             tokens = [t for r in records for t in r.emitted_tokens]
@@ -85,7 +88,9 @@ class Runner:
         else:
             tokens, passes = self._run_transformers(method, prompt_ids, max_new_tokens)
         self._sync()
-        return Outcome(tokens, time.perf_counter() - started, passes)
+        seconds = time.perf_counter() - started
+        sources = Counter(r.nodes[i].source for r in records for i in r.accepted_path[1:])
+        return Outcome(tokens, seconds, passes, dict(sources))
 
     def _run_transformers(self, method: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
         passes = 0
@@ -158,6 +163,11 @@ def summarise(outcomes: dict[str, list[Outcome]]) -> dict:
             "forward_passes": passes,
             "mean_accepted": round(tokens / passes, 4) if passes else 0.0,
             "median_seconds_per_prompt": round(statistics.median(o.seconds for o in runs), 4),
+            # What each draft source added: accepted drafts per forward pass (tau = 1 + their sum).
+            "accepted_per_pass_by_source": {
+                source: round(sum(o.accepted_by_source.get(source, 0) for o in runs) / passes, 4)
+                for source in sorted({s for o in runs for s in o.accepted_by_source})
+            } if passes else {},
         }
     return summary
 

@@ -28,9 +28,16 @@ def _where(machine: dict) -> str:
     return f"{cpu} ({machine.get('cpu_capability', '?')}), {machine.get('threads', '?')} threads{matmul}"
 
 
+def _by_source(spec: dict | None) -> str:
+    """Where the accepted drafts came from (older results did not record it)."""
+    by = (spec or {}).get("accepted_per_pass_by_source")
+    return "–" if by is None else " / ".join(f"{by.get(s, 0.0):.2f}" for s in ("stream", "lookup", "phrase"))
+
+
 def markdown_table(result: dict) -> str:
     methods = list(result["methods"])
-    header = ["category", "prompts", *[f"{m} tok/s" for m in methods], "τ (tokens/pass)", "× plain", "× hf_generate"]
+    header = ["category", "prompts", *[f"{m} tok/s" for m in methods], "τ (tokens/pass)",
+              "accepted drafts/pass: streams / lookup / phrases", "× plain", "× hf_generate"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for category, prompts, stats, _ in _rows(result):
         speed = {m: stats[m]["tokens_per_s"] for m in methods}
@@ -38,7 +45,7 @@ def markdown_table(result: dict) -> str:
         tau = f"{spec['mean_accepted']:.2f}" if spec else "–"
         over_plain = f"{speed['specstream'] / speed['plain']:.2f}" if spec and "plain" in speed else "–"
         over_hf = f"{speed['specstream'] / speed['hf_generate']:.2f}" if spec and "hf_generate" in speed else "–"
-        cells = [category, str(prompts), *[f"{speed[m]:.1f}" for m in methods], tau, over_plain, over_hf]
+        cells = [category, str(prompts), *[f"{speed[m]:.1f}" for m in methods], tau, _by_source(spec), over_plain, over_hf]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     machine = result.get("machine", {})

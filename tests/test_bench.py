@@ -39,6 +39,9 @@ def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path):
         assert {"tokens", "seconds", "tokens_per_s", "forward_passes", "mean_accepted"} <= set(stats)
         assert stats["tokens"] > 0
     assert result["methods"]["plain"]["mean_accepted"] == 1.0
+    by_source = result["methods"]["specstream"]["accepted_per_pass_by_source"]
+    assert set(by_source) <= {"stream", "lookup", "phrase"} and not result["methods"]["plain"]["accepted_per_pass_by_source"]
+    assert sum(by_source.values()) <= result["methods"]["specstream"]["mean_accepted"]
     assert result["identical_outputs"] == 2, result["divergences"]
     assert set(result["per_category"]) == {"writing", "coding"}
     table = (tmp_path / "report" / "results.md").read_text()

@@ -25,7 +25,7 @@ from .loading import ModelLoadError, load_base_model
 # show what bigger trees buy in tau and cost in time; the default is the auto tree.
 VARIANTS: dict[str, dict | None] = {
     "plain": None,
-    "default (auto tree, prompt lookup)": {},
+    "default (auto tree, prompt lookup, phrase table)": {},
     "no phrase table (auto tree, prompt lookup)": {"phrases": False},
     "no copied branch (auto tree)": {"lookup_tokens": 0},
     "fixed tree, 4 nodes, no lookup": {"tree": "fixed", "node_budget": 4, "lookup_tokens": 0},

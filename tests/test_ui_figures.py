@@ -8,7 +8,8 @@ import re
 import gradio as gr
 import pytest
 
-from specstream.decoding import DecodeSettings
+from specstream.decoding import DecodeSettings, plain_decode
+from specstream.phrases import PhraseTable
 from specstream.streams import SpeculativeModel, stream_attention_mask
 from specstream.tree import Fate, tree_attention_mask
 from specstream.ui import figures, views
@@ -159,6 +160,23 @@ def test_prompt_lookup_nodes_are_marked(tiny_base):
     lookups = sum(symbol == "diamond" for t in fig.data if t.mode == "markers+text" for symbol in t.marker.symbol)
     assert lookups == sum(n.source == "lookup" for n in record.nodes)
     assert any("prompt lookup" in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+
+
+def test_phrase_table_nodes_are_marked(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    prompt = "w3 w4 w5"
+    reply = [t for r in plain_decode(model, tiny_base.chat_prompt(prompt), DecodeSettings(max_new_tokens=20, stop_at_eos=False))
+             for t in r.emitted_tokens]
+    model.phrases = PhraseTable.build([reply, reply])
+    settings = DecodeSettings(max_new_tokens=20, lookup_tokens=4, stop_at_eos=False)
+    *_, trace = race(model, prompt, tiny_base.chat_prompt(prompt), settings, tiny_base.token_text)
+    record = next(r for r in trace.steps() if any(n.source == "phrase" for n in r.nodes))
+    fig = figures.tree_figure(record)
+    squares = sum(symbol == "square" for t in fig.data if t.mode == "markers+text" for symbol in t.marker.symbol)
+    assert squares == sum(n.source == "phrase" for n in record.nodes)
+    assert any("phrase table" in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+    accepted = [role for r in trace.steps() for role, *_ in token_roles(r) if "phrase table" in role]
+    assert accepted  # the highlighted reply says which tokens the phrase table drafted
 
 
 def test_trace_file_holds_the_whole_run(trace):

@@ -45,7 +45,9 @@ def test_shipped_adapter_is_trained_for_the_default_model(real_base):
     files = {f.name for f in path.iterdir()}
     assert {"adapter.json", "adapter.safetensors"} <= files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     assert sum(f.stat().st_size for f in path.iterdir()) < 20 * 2**20
-    adapter = build_model(real_base, "default").adapter
+    model = build_model(real_base, "default")
+    adapter = model.adapter
+    assert len(model.phrases) > 10_000  # the shipped phrase table comes with it
     assert adapter.config.base == real_base.identity and adapter.config.mode == "lossless"
     assert all(up.abs().sum() > 0 for up in adapter.lora_up.values())  # trained: the fresh LoRA starts at zero
     assert len(adapter.draft_ids) == adapter.config.draft_vocab_size > 0  # streams draft from its data's vocabulary

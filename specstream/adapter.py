@@ -197,11 +197,15 @@ def _check_draft_vocab(ids: torch.Tensor, vocab_size: int, path: Path) -> None:
         raise AdapterError(f"adapter tensor draft_vocab in {path} must hold distinct token ids below {vocab_size}")
 
 
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder of a folder, or of its weights or config file."""
+    folder = Path(path)
+    return folder.parent if folder.suffix == ".safetensors" or folder.name == CONFIG_FILE else folder
+
+
 def load_adapter(path: str | Path, shape: LlamaShape, expected: BaseIdentity) -> StreamAdapter:
     """Load and validate an adapter folder (or its .safetensors file)."""
-    folder = Path(path)
-    if folder.suffix == ".safetensors" or folder.name == CONFIG_FILE:
-        folder = folder.parent
+    folder = adapter_folder(path)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     config = _read_config(folder)

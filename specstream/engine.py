@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapter import AdapterConfig, StreamAdapter, load_adapter
+from .adapter import AdapterConfig, StreamAdapter, adapter_folder, load_adapter
 from .loading import BaseModel
 from .phrases import PhraseTable
 from .streams import SpeculativeModel
@@ -32,7 +32,6 @@ def build_model(base: BaseModel, adapter: str | Path | StreamAdapter | None = "d
     if adapter == "fresh":
         return SpeculativeModel(base.weights, fresh_adapter(base))
     if isinstance(adapter, (str, Path)):
-        folder = Path(adapter).parent if Path(adapter).is_file() else Path(adapter)
         loaded = load_adapter(adapter, base.weights.shape, base.identity)
-        return SpeculativeModel(base.weights, loaded, PhraseTable.load(folder, base.weights.shape.vocab_size))
+        return SpeculativeModel(base.weights, loaded, PhraseTable.load(adapter_folder(adapter), base.weights.shape.vocab_size))
     return SpeculativeModel(base.weights, adapter)

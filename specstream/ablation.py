@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .adapter import AdapterError
-from .bench import WARMUP_TOKENS, Outcome, Runner, machine_info, read_prompts
+from .bench import WARMUP_TOKENS, Outcome, Runner, machine_info, read_prompts, summarise
 from .decoding import DecodeSettings, SettingsError
 from .engine import build_model, default_adapter_path
 from .loading import ModelLoadError, load_base_model
@@ -46,17 +46,18 @@ def pick_per_category(prompts: list, count: int) -> list:
     return picked
 
 
-def row(name: str, runs: list[Outcome], reference: list[list[int]], plain_rate: float | None) -> dict:
-    tokens = sum(len(o.tokens) for o in runs)
-    seconds = sum(o.seconds for o in runs)
-    rate = tokens / seconds if seconds else 0.0
-    return {
+def rows(outcomes: dict[str, list[Outcome]]) -> list[dict]:
+    """One row per variant from the benchmark's own summary, against plain decoding's outputs and speed."""
+    summary = summarise(outcomes)
+    reference = [o.tokens for o in outcomes["plain"]]
+    plain_rate = summary["plain"]["tokens_per_s"]
+    return [{
         "setting": name,
-        "tau": round(tokens / max(sum(o.forward_passes for o in runs), 1), 3),
-        "tokens_per_s": round(rate, 2),
-        "speedup_vs_plain": round(rate / plain_rate, 3) if plain_rate else 1.0,
-        "identical": sum(o.tokens == ref for o, ref in zip(runs, reference)),
-    }
+        "tau": stats["mean_accepted"],
+        "tokens_per_s": stats["tokens_per_s"],
+        "speedup_vs_plain": round(stats["tokens_per_s"] / plain_rate, 3) if plain_rate else 1.0,
+        "identical": sum(o.tokens == ref for o, ref in zip(outcomes[name], reference)),
+    } for name, stats in summary.items()]
 
 
 def markdown(rows: list[dict], prompts: int) -> str:
@@ -76,24 +77,22 @@ def ablate(args: argparse.Namespace) -> dict:
     default = DecodeSettings(max_new_tokens=args.max_new_tokens).validate(model)
     runners = {name: Runner(base, model, replace(default, **(change or {})).validate(model))
                for name, change in VARIANTS.items()}
+    methods = {name: "plain" if change is None else "specstream" for name, change in VARIANTS.items()}
     prompt_ids = [base.chat_prompt(p.text) for p in prompts]
     # Warm-up: first-call allocations, and the auto tree's cost table and acceptance statistics.
     for name, runner in runners.items():
-        runner.run("plain" if VARIANTS[name] is None else "specstream", prompt_ids[0], WARMUP_TOKENS)
+        runner.run(methods[name], prompt_ids[0], WARMUP_TOKENS)
     outcomes = {}
     for name, runner in runners.items():
-        method = "plain" if VARIANTS[name] is None else "specstream"
-        outcomes[name] = [runner.run(method, ids, args.max_new_tokens)
+        outcomes[name] = [runner.run(methods[name], ids, args.max_new_tokens)
                           for ids in tqdm(prompt_ids, desc=f"{name[:28]:>28}", file=sys.stderr, disable=args.quiet)]
-    reference = [o.tokens for o in outcomes["plain"]]
-    plain_rate = row("plain", outcomes["plain"], reference, None)["tokens_per_s"]
     adapter_path = args.adapter or default_adapter_path(base)
     return {
         "model": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "adapter": str(adapter_path) if adapter_path else "fresh (untrained)",
         "prompts": len(prompts), "prompt_file": str(args.prompts), "max_new_tokens": args.max_new_tokens,
-        "variants": {name: change for name, change in VARIANTS.items()},
-        "rows": [row(name, runs, reference, plain_rate) for name, runs in outcomes.items()],
+        "variants": dict(VARIANTS),
+        "rows": rows(outcomes),
         "machine": machine_info(base),
     }
 

@@ -150,16 +150,21 @@ def test_absurd_settings_are_sentences(values, message):
         make_settings(*values)
 
 
+def assert_nodes_marked(trace, source: str, symbol: str, words: str) -> None:
+    """The first step that drafted from `source` draws exactly those nodes as `symbol` and names the source on hover."""
+    record = next(r for r in trace.steps() if any(n.source == source for n in r.nodes))
+    fig = figures.tree_figure(record)
+    marked = sum(s == symbol for t in fig.data if t.mode == "markers+text" for s in t.marker.symbol)
+    assert marked == sum(n.source == source for n in record.nodes)
+    assert any(words in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+
+
 def test_prompt_lookup_nodes_are_marked(tiny_base):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
     prompt = "w3 w4 w5 w6 w3 w4 w5 w6 w3 w4"
     settings = DecodeSettings(max_new_tokens=20, lookup_tokens=4, stop_at_eos=False)
     *_, trace = race(model, prompt, tiny_base.chat_prompt(prompt), settings, tiny_base.token_text)
-    record = next(r for r in trace.steps() if any(n.source == "lookup" for n in r.nodes))
-    fig = figures.tree_figure(record)
-    lookups = sum(symbol == "diamond" for t in fig.data if t.mode == "markers+text" for symbol in t.marker.symbol)
-    assert lookups == sum(n.source == "lookup" for n in record.nodes)
-    assert any("prompt lookup" in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+    assert_nodes_marked(trace, "lookup", "diamond", "prompt lookup")
 
 
 def test_phrase_table_nodes_are_marked(tiny_base):
@@ -170,11 +175,7 @@ def test_phrase_table_nodes_are_marked(tiny_base):
     model.phrases = PhraseTable.build([reply, reply])
     settings = DecodeSettings(max_new_tokens=20, lookup_tokens=4, stop_at_eos=False)
     *_, trace = race(model, prompt, tiny_base.chat_prompt(prompt), settings, tiny_base.token_text)
-    record = next(r for r in trace.steps() if any(n.source == "phrase" for n in r.nodes))
-    fig = figures.tree_figure(record)
-    squares = sum(symbol == "square" for t in fig.data if t.mode == "markers+text" for symbol in t.marker.symbol)
-    assert squares == sum(n.source == "phrase" for n in record.nodes)
-    assert any("phrase table" in h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+    assert_nodes_marked(trace, "phrase", "square", "phrase table")
     accepted = [role for r in trace.steps() for role, *_ in token_roles(r) if "phrase table" in role]
     assert accepted  # the highlighted reply says which tokens the phrase table drafted
 

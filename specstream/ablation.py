@@ -1,5 +1,6 @@
 """Where the speed comes from: plain decoding and Speculative Streaming with one setting changed
-at a time (tree size, pruning, prompt-lookup branches), on the same prompts in one process.
+at a time (tree size, pruning, prompt-lookup branches), on the same prompts in one process, taking
+turns on each prompt as the benchmark's methods do.
 
     python -m specstream.ablation --prompts FILE.jsonl --per-category 2 --max-new-tokens 128 \\
         --json OUT.json [--markdown OUT.md] [--adapter PATH]
@@ -9,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .adapter import AdapterError
-from .bench import WARMUP_TOKENS, Outcome, Runner, machine_info, read_prompts, summarise
+from .bench import WARMUP_TOKENS, Outcome, Runner, machine_info, read_prompts, run_interleaved, summarise
 from .decoding import DecodeSettings, SettingsError
 from .engine import build_model, default_adapter_path
 from .loading import ModelLoadError, load_base_model
@@ -82,10 +80,9 @@ def ablate(args: argparse.Namespace) -> dict:
     # Warm-up: first-call allocations, and the auto tree's cost table and acceptance statistics.
     for name, runner in runners.items():
         runner.run(methods[name], prompt_ids[0], WARMUP_TOKENS)
-    outcomes = {}
-    for name, runner in runners.items():
-        outcomes[name] = [runner.run(methods[name], ids, args.max_new_tokens)
-                          for ids in tqdm(prompt_ids, desc=f"{name[:28]:>28}", file=sys.stderr, disable=args.quiet)]
+    runs = {name: (lambda ids, name=name: runners[name].run(methods[name], ids, args.max_new_tokens))
+            for name in runners}
+    outcomes = run_interleaved(runs, prompt_ids, quiet=args.quiet)
     adapter_path = args.adapter or default_adapter_path(base)
     return {
         "model": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),

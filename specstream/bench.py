@@ -1,5 +1,7 @@
 """The benchmark: plain decoding, Speculative Streaming and transformers' own decoders on the same
-model, device, dtype and prompts, greedy, one method after another, with a warm-up first.
+model, device, dtype and prompts, greedy, with a warm-up first. Methods take turns on each prompt (their
+order rotating from prompt to prompt), so a shared machine's drift in speed over a long run falls on
+every method alike instead of on whichever ran last.
 
     python -m specstream.bench --prompts FILE.jsonl --limit N --max-new-tokens M \\
         --methods plain,specstream,hf_generate --json OUT.json [--adapter PATH] [--device cpu|cuda]
@@ -17,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -210,13 +213,22 @@ def benchmark(args: argparse.Namespace) -> dict:
     prompt_ids = [base.chat_prompt(p.text) for p in prompts]
     for method in methods:  # warm-up: first-call allocations and kernel selection
         runner.run(method, prompt_ids[0], WARMUP_TOKENS)
-    outcomes: dict[str, list[Outcome]] = {}
-    for method in methods:
-        outcomes[method] = [
-            runner.run(method, ids, args.max_new_tokens)
-            for ids in tqdm(prompt_ids, desc=f"{method:>16}", file=sys.stderr, disable=args.quiet)
-        ]
+    runs = {m: (lambda ids, m=m: runner.run(m, ids, args.max_new_tokens)) for m in methods}
+    outcomes = run_interleaved(runs, prompt_ids, quiet=args.quiet)
     return report(args, base, model, runner, methods, prompts, prompt_ids, outcomes)
+
+
+def run_interleaved(runs: dict[str, Callable[[list[int]], Outcome]], prompt_ids: list[list[int]],
+                    quiet: bool = False) -> dict[str, list[Outcome]]:
+    """Every run on prompt 1, then on prompt 2, ...; the first one rotates so none always runs right
+    after another's caches and allocations."""
+    names = list(runs)
+    outcomes: dict[str, list[Outcome]] = {name: [] for name in names}
+    for i, ids in enumerate(tqdm(prompt_ids, desc="prompts", file=sys.stderr, disable=quiet)):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            outcomes[name].append(runs[name](ids))
+    return outcomes
 
 
 def report(args, base, model, runner, methods, prompts, prompt_ids, outcomes) -> dict:
@@ -248,6 +260,7 @@ def report(args, base, model, runner, methods, prompts, prompt_ids, outcomes) ->
         "settings": asdict(runner.settings) | {"max_new_tokens": args.max_new_tokens},
         "prompts": len(prompts),
         "prompt_file": str(args.prompts),
+        "schedule": "interleaved: every method on each prompt in turn, first method rotating",
         "methods": summary,
         "speedup_vs_plain": summary["specstream"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
         if {"plain", "specstream"} <= set(summary) else None,

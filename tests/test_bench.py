@@ -76,3 +76,15 @@ def test_ablation_rows_are_lossless_variants(tiny_dir, tiny_base, prompt_file, t
     assert all(r["identical"] == 2 for r in rows.values()), rows
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(ablation.VARIANTS) and table[2].startswith("| plain | 1.00 |")
+
+
+def test_methods_take_turns_on_each_prompt():
+    calls = []
+    runs = {name: (lambda ids, name=name: calls.append((name, ids[0])) or bench.Outcome([ids[0]], 0.1, 1))
+            for name in ("plain", "specstream", "hf_generate")}
+    outcomes = bench.run_interleaved(runs, [[10], [11], [12]], quiet=True)
+    # Each prompt is finished by every method before the next starts, and the first method rotates.
+    assert [prompt for _, prompt in calls] == [10, 10, 10, 11, 11, 11, 12, 12, 12]
+    assert [calls[i][0] for i in (0, 3, 6)] == ["plain", "specstream", "hf_generate"]
+    assert {name: [o.tokens[0] for o in runs_] for name, runs_ in outcomes.items()} == {
+        name: [10, 11, 12] for name in runs}

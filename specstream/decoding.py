@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .autotree import AcceptanceStats, LookupStats, Plan, TreePlanner
+from .autotree import AcceptanceStats, CopiedStats, CopyKind, Plan, TreePlanner
 from .costs import device_costs
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
@@ -140,7 +140,8 @@ def _prefill(model: SpeculativeModel, cache, prompt_ids: list[int], streams: boo
     return first, out
 
 
-def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), path=(), bonus=None, plan=None) -> StepRecord:
+def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), path=(), bonus=None, plan=None,
+            copied: CopyKind | None = None) -> StepRecord:
     return StepRecord(
         method=method,
         step=step,
@@ -155,6 +156,8 @@ def _record(method, run, step, seconds, emitted, reason, token_text, nodes=(), p
         finish_reason=reason,
         expected_tokens_per_pass=plan.expected_tokens_per_pass if plan else None,
         expected_speedup=plan.expected_speedup if plan else None,
+        copied_source=copied[0] if copied else None,
+        copied_key=copied[1] if copied else 0,
     )
 
 
@@ -186,21 +189,26 @@ def plain_decode(
 
 
 def _next_draft(
-    model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int, plan: Plan | None
-) -> DraftTree:
+    model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int,
+    plan: Plan | None, planner: TreePlanner | None,
+) -> tuple[DraftTree, CopyKind | None]:
     """stream_hidden (gamma, d) of the deepest accepted node -> the best tree of top-k tokens per
-    depth below the last token of `context`, plus a prompt-lookup branch; sizes from the auto
-    tree's plan, else from the settings."""
-    budget, copied = (plan.node_budget, plan.lookup_tokens) if plan else (settings.node_budget, settings.lookup_tokens)
+    depth below the last token of `context`, plus a copied branch; sizes from the auto tree's plan,
+    else from the settings. Also the kind of copied chain the text offered, if any."""
+    budget = plan.node_budget if plan else settings.node_budget
     depth = min(_planned_depth(plan, depth), len(stream_hidden))
     top_probs, top_tokens = model.draft_topk(stream_hidden[:depth], max(settings.top_k[:depth]))
     tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], budget)
-    if copied:
-        tree = graft_chain(tree, *_copied_chain(model, context, settings, copied))
-    return tree
+    if not settings.lookup_tokens:
+        return tree, None
+    chain, kind = _copied_chain(model, context, settings, settings.lookup_tokens)
+    if not chain:
+        return tree, None
+    length = planner.chain_length(kind) if planner else settings.lookup_tokens
+    return graft_chain(tree, chain[:length], kind[0]), kind
 
 
-def _copied_chain(model, context: list[int], settings: DecodeSettings, length: int) -> tuple[list[int], str]:
+def _copied_chain(model, context: list[int], settings: DecodeSettings, length: int) -> tuple[list[int], CopyKind]:
     """Prompt lookup's continuation, or the phrase table's where its key is the longer match:
     a longer shared ending is the better predictor of what follows (measured offline)."""
     copied, matched = lookup_match(context, settings.lookup_ngram, length)
@@ -208,8 +216,8 @@ def _copied_chain(model, context: list[int], settings: DecodeSettings, length: i
     if table is not None:
         phrase, key = table.continuation(context, length)
         if key > matched:
-            return phrase, "phrase"
-    return copied, "lookup"
+            return phrase, ("phrase", key)
+    return copied, ("lookup", matched)
 
 
 def specstream_decode(
@@ -226,7 +234,7 @@ def specstream_decode(
     plan = planner.plan if planner else None
     started = time.perf_counter()
     first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
-    tree = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, plan)
+    tree, kind = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, plan, planner)
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -239,15 +247,16 @@ def specstream_decode(
         pass_result = _tree_pass(model, cache, tree, settings, _planned_depth(plan, depth))
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
-        tree_done, plan_done = tree, plan
+        tree_done, plan_done, kind_done = tree, plan, kind
         if not reason:
             plan = planner.plan if planner else None
-            tree = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, plan)
+            tree, kind = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, plan,
+                                     planner)
         _sync(device)
         seconds = time.perf_counter() - started
         nodes = _node_records(tree_done, pass_result, token_text)
         record = _record("specstream", run, step, seconds, emitted, reason, token_text, nodes, pass_result.path,
-                         pass_result.candidates[-1], plan_done)
+                         pass_result.candidates[-1], plan_done, kind_done)
         if planner:
             planner.observe(record)
         yield record
@@ -268,8 +277,8 @@ def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) 
     costs = {d: device_costs(model, settings.deferred_streams(), d) for d in range(1, depth + 1)}
     shared = _shared_stats.setdefault(model, {})
     stats = shared.setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
-    lookup = shared.setdefault("lookup", LookupStats(MAX_LOOKUP_TOKENS)) if settings.lookup_tokens else None
-    return TreePlanner(top_k, settings.node_budget, stats, costs, lookup, settings.lookup_tokens)
+    copied = shared.setdefault("copied", CopiedStats(MAX_LOOKUP_TOKENS)) if settings.lookup_tokens else None
+    return TreePlanner(top_k, settings.node_budget, stats, costs, copied, settings.lookup_tokens)
 
 
 @dataclass

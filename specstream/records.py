@@ -51,6 +51,11 @@ class StepRecord:
     # tokens per pass and speedup over plain decoding, from measured pass costs and acceptance so far.
     expected_tokens_per_pass: float | None = None
     expected_speedup: float | None = None
+    # Where this pass's copied branch came from ("lookup" or "phrase") and how many tokens of the
+    # text's ending it matched (0: none matched); the chain may still be empty where the auto tree
+    # judged this kind of chain not worth a node.
+    copied_source: str | None = None
+    copied_key: int = 0
 
     @property
     def tokens_per_pass(self) -> float:

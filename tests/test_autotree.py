@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from specstream import costs, decoding
-from specstream.autotree import AcceptanceStats, LookupStats, choose, choose_depth, expected_tokens, lookup_length
+from specstream.autotree import AcceptanceStats, CopiedStats, LookupStats, choose, choose_depth, expected_tokens, lookup_length
 from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.records import NodeRecord, StepRecord
@@ -111,17 +111,18 @@ def test_statistics_follow_a_change_of_content():
     assert stats.rate(1, 0) < 0.5  # with plain counts it would still say 0.9
 
 
-def lookup_step(fates: list[Fate]) -> StepRecord:
-    """A pass whose tree is the root and a copied chain with these fates."""
+def lookup_step(fates: list[Fate], kind: tuple[str, int] = ("lookup", 3)) -> StepRecord:
+    """A pass whose tree is the root and a copied chain of this kind with these fates."""
     nodes = [NodeRecord(0, 1, "r", -1, 0, 0, 1.0, 0, None, Fate.ACCEPTED, None, None, "root")]
-    nodes += [NodeRecord(i, 5, "w", i - 1, i, 0, 0.0, 0, None, fate, None, None, "lookup") for i, fate in enumerate(fates, 1)]
-    return StepRecord("specstream", 1, tuple(nodes), (0,), 7, (7,), ("w",), 0.1, 1, 1, None)
+    nodes += [NodeRecord(i, 5, "w", i - 1, i, 0, 0.0, 0, None, fate, None, None, kind[0]) for i, fate in enumerate(fates, 1)]
+    return StepRecord("specstream", 1, tuple(nodes), (0,), 7, (7,), ("w",), 0.1, 1, 1, None,
+                      copied_source=kind[0], copied_key=kind[1])
 
 
 def test_lookup_statistics_count_verified_copied_tokens_per_position():
     stats = LookupStats(4)
     for _ in range(50):
-        stats.observe(lookup_step([Fate.ACCEPTED, Fate.REJECTED, Fate.UNVERIFIED]))
+        stats.observe(lookup_step([Fate.ACCEPTED, Fate.REJECTED, Fate.UNVERIFIED]).nodes)
     assert stats.rate(1) > 0.9 and stats.rate(2) < 0.1
     assert stats.rate(3) == LookupStats(4).rate(3)  # never verified: still the prior
     assert stats.rate(5) == 0.0
@@ -132,22 +133,42 @@ def test_copied_tokens_are_kept_while_they_pay_for_their_nodes():
     stats.accepted = [0.9, 0.9, 0.5, 0.5, 0.1, 0.9, 0.9, 0.9]
     stats.tried = [1.0] * 8
     # reach: 0.9, 0.81, 0.405, 0.2025, 0.02, ...
-    assert lookup_length(stats, 8, node_seconds=0.0, tokens_per_second=20) == (8, pytest.approx(0.9 + 0.81 + 0.405 + 0.2025
-                                                                                              + 0.02025 * (1 + 0.9 + 0.81 + 0.729)))
-    assert lookup_length(stats, 8, node_seconds=0.015, tokens_per_second=20)[0] == 3  # a node is worth 0.3 tokens
-    assert lookup_length(stats, 2, node_seconds=0.0, tokens_per_second=20)[0] == 2  # the user's cap
-    assert lookup_length(stats, 8, node_seconds=0.05, tokens_per_second=20) == (0, 0.0)
+    assert lookup_length(stats, 8, price=0.0) == (8, pytest.approx(0.9 + 0.81 + 0.405 + 0.2025
+                                                                   + 0.02025 * (1 + 0.9 + 0.81 + 0.729)))
+    assert lookup_length(stats, 8, price=0.3)[0] == 3  # a node's time would yield 0.3 tokens
+    assert lookup_length(stats, 2, price=0.0)[0] == 2  # the user's cap
+    assert lookup_length(stats, 8, price=1.0) == (0, 0.0)
+
+
+def test_copied_chains_are_priced_per_kind():
+    copied = CopiedStats(8)
+    for _ in range(60):
+        copied.observe(lookup_step([Fate.ACCEPTED] * 8, ("lookup", 3)))
+        copied.observe(lookup_step([Fate.REJECTED], ("phrase", 1)))
+        copied.observe(lookup_step([], ("lookup", 0)))  # a pass whose text offered no chain
+    # A long match earns the whole chain, a weak one none, where a node is worth 0.2 tokens.
+    assert copied.chain_length(("lookup", 3), 8, price=0.2) == 8
+    assert copied.chain_length(("phrase", 1), 8, price=0.2) == 0
+    assert copied.chain_length(("phrase", 2), 8, price=0.2) == lookup_length(LookupStats(8), 8, 0.2)[0]  # unseen: prior
+    # Each kind turned up in about a third of the passes; only the long matches add tokens.
+    assert set(copied.share) == {("lookup", 3), ("phrase", 1)}
+    assert copied.share[("lookup", 3)] == pytest.approx(copied.share[("phrase", 1)], rel=0.05)
+    nodes, added = copied.expected(8, price=0.2)
+    assert nodes == pytest.approx(8 * copied.share[("lookup", 3)]) and added > 6 * copied.share[("lookup", 3)]
 
 
 def test_plan_drops_the_copied_branch_where_nodes_are_dear():
     stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
-    lookup = LookupStats(8)
-    lookup.accepted, lookup.tried = [0.3] * 8, [1.0] * 8
+    copied = CopiedStats(8)
+    copied.share = {("lookup", 3): 1.0}
+    copied.of(("lookup", 3)).accepted, copied.of(("lookup", 3)).tried = [0.3] * 8, [1.0] * 8
     gpu = PassCosts(0.010, {n: 0.010 for n in costs.SIZES}, 0.0)
     cpu = PassCosts(0.010, {n: 0.010 * (1 + n / 2) for n in costs.SIZES}, 0.0)  # half a token per node
-    assert choose(stats, (3, 3, 3), gpu, 64, lookup, 8).lookup_tokens == 8
-    assert choose(stats, (3, 3, 3), cpu, 64, lookup, 8).lookup_tokens == 0
-    assert choose(stats, (3, 3, 3), gpu, 64, lookup, 0).lookup_tokens == 0
+    assert copied.chain_length(("lookup", 3), 8, choose(stats, (3, 3, 3), gpu, 64, copied, 8).copy_price) == 8
+    assert copied.chain_length(("lookup", 3), 8, choose(stats, (3, 3, 3), cpu, 64, copied, 8).copy_price) == 0
+    with_copies = choose(stats, (3, 3, 3), gpu, 64, copied, 8)
+    without = choose(stats, (3, 3, 3), gpu, 64, copied, 0)
+    assert with_copies.expected_tokens_per_pass > without.expected_tokens_per_pass
 
 
 def test_node_cost_is_the_measured_slope():

@@ -165,6 +165,10 @@ def test_prompt_lookup_nodes_are_marked(tiny_base):
     settings = DecodeSettings(max_new_tokens=20, lookup_tokens=4, stop_at_eos=False)
     *_, trace = race(model, prompt, tiny_base.chat_prompt(prompt), settings, tiny_base.token_text)
     assert_nodes_marked(trace, "lookup", "diamond", "prompt lookup")
+    record = next(r for r in trace.steps() if any(n.source == "lookup" for n in r.nodes))
+    assert record.copied_source == "lookup" and 1 <= record.copied_key <= settings.lookup_ngram
+    hovers = [h for t in figures.tree_figure(record).data if t.mode == "markers+text" for h in t.hovertext]
+    assert any(f"found by the text's last {record.copied_key} token" in h for h in hovers)
 
 
 def test_phrase_table_nodes_are_marked(tiny_base):

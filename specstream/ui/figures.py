@@ -60,11 +60,13 @@ def tree_positions(nodes: tuple[NodeRecord, ...]) -> dict[int, tuple[float, floa
     return positions
 
 
-def _node_hover(node: NodeRecord, nodes) -> str:
+def _node_hover(node: NodeRecord, record: StepRecord) -> str:
+    nodes = record.nodes
     if node.parent < 0:
         head = f"<b>root</b> {visible(node.text)!s}<br>the last accepted token"
     elif node.source in COPIED_SOURCES:
-        head = f"<b>{visible(node.text)}</b> · {node.fate.value}<br>{COPIED_SOURCES[node.source]}"
+        matched = f", found by the text's last {record.copied_key} token{'s' * (record.copied_key > 1)}"
+        head = f"<b>{visible(node.text)}</b> · {node.fate.value}<br>{COPIED_SOURCES[node.source]}{matched}"
     else:
         head = (f"<b>{visible(node.text)}</b> · {node.fate.value}<br>stream {node.stream} · "
                 f"draft p={node.draft_prob:.3f} · rank {node.rank + 1}")
@@ -105,7 +107,7 @@ def tree_figure(record: StepRecord | None) -> go.Figure:
             marker=dict(size=[20 if n.parent < 0 else 14 for n in nodes], color=colour,
                         symbol=[SYMBOLS.get(n.source, "circle") for n in nodes],
                         line=dict(color="#374151", width=1)),
-            hovertext=[_node_hover(n, record.nodes) for n in nodes], hoverinfo="text",
+            hovertext=[_node_hover(n, record) for n in nodes], hoverinfo="text",
         ))
     rows = max(1, len({y for _, y in positions.values()}))
     depth = max(n.depth for n in record.nodes)

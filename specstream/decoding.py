@@ -190,11 +190,12 @@ def plain_decode(
 
 def _next_draft(
     model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int,
-    plan: Plan | None, planner: TreePlanner | None,
+    planner: TreePlanner | None,
 ) -> tuple[DraftTree, CopyKind | None]:
     """stream_hidden (gamma, d) of the deepest accepted node -> the best tree of top-k tokens per
     depth below the last token of `context`, plus a copied branch; sizes from the auto tree's plan,
     else from the settings. Also the kind of copied chain the text offered, if any."""
+    plan = planner.plan if planner else None
     budget = plan.node_budget if plan else settings.node_budget
     depth = min(_planned_depth(plan, depth), len(stream_hidden))
     top_probs, top_tokens = model.draft_topk(stream_hidden[:depth], max(settings.top_k[:depth]))
@@ -234,7 +235,7 @@ def specstream_decode(
     plan = planner.plan if planner else None
     started = time.perf_counter()
     first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
-    tree, kind = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, plan, planner)
+    tree, kind = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, planner)
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -250,8 +251,7 @@ def specstream_decode(
         tree_done, plan_done, kind_done = tree, plan, kind
         if not reason:
             plan = planner.plan if planner else None
-            tree, kind = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, plan,
-                                     planner)
+            tree, kind = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, planner)
         _sync(device)
         seconds = time.perf_counter() - started
         nodes = _node_records(tree_done, pass_result, token_text)

@@ -32,6 +32,11 @@ MIN_BUDGET = 2  # the root and at least one draft
 # planned with the chat's acceptance rates for long.
 WINDOW = 100.0
 REPLAN_EVERY = 4  # passes between budget choices; each choice costs well under a millisecond
+# A kind of copied chain priced out of the tree is never verified, so its rate could never recover
+# (the statistics outlive a reply): after this many passes that found it and grafted none of it,
+# one token is grafted to look again. At about 3 ms a node on a 2-core CPU that costs a fraction of a
+# millisecond per pass of that kind.
+EXPLORE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class CopiedStats:
         self.length = length
         self.kinds: dict[CopyKind, LookupStats] = {}
         self.share: dict[CopyKind, float] = {}  # moving share of passes that found each kind
+        self.unverified: dict[CopyKind, int] = {}  # passes in a row that found each kind and grafted none
 
     def of(self, kind: CopyKind) -> LookupStats:
         return self.kinds.setdefault(kind, LookupStats(self.length))
@@ -117,9 +123,14 @@ class CopiedStats:
         if kind:
             self.share[kind] = self.share.get(kind, 0.0) + 1 / WINDOW
             self.of(kind).observe(record.nodes)
+            grafted = any(node.source in COPIED_SOURCES for node in record.nodes)
+            self.unverified[kind] = 0 if grafted else self.unverified.get(kind, 0) + 1
 
     def chain_length(self, kind: CopyKind, max_tokens: int, price: float) -> int:
-        return lookup_length(self.of(kind), max_tokens, price)[0]
+        length = lookup_length(self.of(kind), max_tokens, price)[0]
+        if length == 0 and self.unverified.get(kind, 0) >= EXPLORE_EVERY:
+            return min(1, max_tokens)
+        return length
 
     def expected(self, max_tokens: int, price: float) -> tuple[float, float]:
         """Copied nodes and accepted copied tokens a pass is expected to add, over the kinds seen."""

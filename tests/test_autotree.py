@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from specstream import costs, decoding
-from specstream.autotree import AcceptanceStats, CopiedStats, LookupStats, choose, choose_depth, expected_tokens, lookup_length
+from specstream.autotree import EXPLORE_EVERY, AcceptanceStats, CopiedStats, LookupStats, choose, choose_depth, expected_tokens, lookup_length
 from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.records import NodeRecord, StepRecord
@@ -155,6 +155,23 @@ def test_copied_chains_are_priced_per_kind():
     assert copied.share[("lookup", 3)] == pytest.approx(copied.share[("phrase", 1)], rel=0.05)
     nodes, added = copied.expected(8, price=0.2)
     assert nodes == pytest.approx(8 * copied.share[("lookup", 3)]) and added > 6 * copied.share[("lookup", 3)]
+
+
+def test_a_copied_kind_priced_out_is_looked_at_again():
+    copied = CopiedStats(8)
+    kind = ("phrase", 1)
+    for _ in range(30):
+        copied.observe(lookup_step([Fate.REJECTED], kind))
+    assert copied.chain_length(kind, 8, price=0.2) == 0
+    for _ in range(EXPLORE_EVERY - 1):
+        copied.observe(lookup_step([], kind))  # found, but nothing grafted
+    assert copied.chain_length(kind, 8, price=0.2) == 0
+    copied.observe(lookup_step([], kind))
+    assert copied.chain_length(kind, 8, price=0.2) == 1  # one token, to look again
+    # If the text has changed and the kind now pays, its rate recovers and the chain grows.
+    for _ in range(100):
+        copied.observe(lookup_step([Fate.ACCEPTED], kind))
+    assert copied.chain_length(kind, 8, price=0.2) >= 2
 
 
 def test_plan_drops_the_copied_branch_where_nodes_are_dear():

@@ -188,6 +188,17 @@ def test_plan_drops_the_copied_branch_where_nodes_are_dear():
     assert with_copies.expected_tokens_per_pass > without.expected_tokens_per_pass
 
 
+def test_measured_costs_never_fall_with_tree_size():
+    noisy = {1: 0.029, 2: 0.072, 3: 0.045, 4: 0.041, 6: 0.077, 8: 0.041}
+    smooth = costs.nondecreasing(noisy)
+    values = [smooth[n] for n in sorted(smooth)]
+    assert values == sorted(values)
+    assert smooth[1] == 0.029 and smooth[2] == smooth[3] == smooth[4] == pytest.approx((0.072 + 0.045 + 0.041) / 3)
+    assert smooth[6] == smooth[8] == pytest.approx(0.059)
+    monotone = {1: 0.03, 2: 0.04, 4: 0.05}
+    assert costs.nondecreasing(monotone) == monotone
+
+
 def test_node_cost_is_the_fitted_slope():
     noisy = {1: 0.030, 2: 0.040, 3: 0.0403, 4: 0.046, 6: 0.052, 8: 0.058, 12: 0.070, 16: 0.082, 24: 0.106}
     table = PassCosts(0.03, noisy, 0.0)

@@ -163,9 +163,9 @@ def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = No
         model,
         _device_key(model, f"{'deferred' if deferred else 'joint'} tree, depth {depth}"),
         lambda: pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth),
-        lambda raw: {int(size): float(seconds) for size, seconds in raw.items()},
+        lambda raw: nondecreasing({int(size): float(seconds) for size, seconds in raw.items()}),
     )
-    return PassCosts(plain, nondecreasing(tree), per_token)
+    return PassCosts(plain, tree, per_token)
 
 
 def nondecreasing(table: dict[int, float]) -> dict[int, float]:
@@ -173,13 +173,14 @@ def nondecreasing(table: dict[int, float]) -> dict[int, float]:
     from a neighbour during one size's timings made, in one measured table, 2 nodes cost 72 ms and
     3 nodes 45, and the auto tree would have read that as a free node. Adjacent violators are pooled
     into their mean."""
-    blocks: list[list[float]] = []  # [mean, count]
+    blocks: list[tuple[float, int]] = []  # (summed seconds, sizes pooled)
     for size in sorted(table):
-        blocks.append([table[size], 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            mean, count = blocks.pop()
-            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count), blocks[-1][1] + count]
-    smoothed = [mean for mean, count in blocks for _ in range(count)]
+        total, count = table[size], 1
+        while blocks and blocks[-1][0] / blocks[-1][1] > total / count:
+            pooled_total, pooled_count = blocks.pop()
+            total, count = total + pooled_total, count + pooled_count
+        blocks.append((total, count))
+    smoothed = [total / count for total, count in blocks for _ in range(count)]
     return dict(zip(sorted(table), smoothed))
 
 

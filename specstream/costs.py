@@ -169,19 +169,17 @@ def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = No
 
 
 def nondecreasing(table: dict[int, float]) -> dict[int, float]:
-    """The closest table (least squares) in which a bigger tree never costs less: a burst of load
-    from a neighbour during one size's timings made, in one measured table, 2 nodes cost 72 ms and
-    3 nodes 45, and the auto tree would have read that as a free node. Adjacent violators are pooled
-    into their mean."""
-    blocks: list[tuple[float, int]] = []  # (summed seconds, sizes pooled)
-    for size in sorted(table):
-        total, count = table[size], 1
-        while blocks and blocks[-1][0] / blocks[-1][1] > total / count:
-            pooled_total, pooled_count = blocks.pop()
-            total, count = total + pooled_total, count + pooled_count
-        blocks.append((total, count))
-    smoothed = [total / count for total, count in blocks for _ in range(count)]
-    return dict(zip(sorted(table), smoothed))
+    """The table with each size's cost the least measured at that size or any bigger one. Timing
+    noise on a shared machine only ever adds time: a neighbour's burst of load made, in one measured
+    table, 1 node cost 69 ms and 2 nodes 52, and the auto tree would have read the second node as
+    free. So where a smaller tree measured dearer than a bigger one, the bigger tree's time is the
+    truer estimate of both (pooling them into their mean, as before, raised the bigger trees' cost
+    instead, and kept a 4-node tree as dear as the 1-node outlier)."""
+    smoothed, cheapest = {}, float("inf")
+    for size in sorted(table, reverse=True):
+        cheapest = min(cheapest, table[size])
+        smoothed[size] = cheapest
+    return dict(sorted(smoothed.items()))
 
 
 def _kept(model: SpeculativeModel, key: str, measure: Callable[[], dict], parse: Callable[[dict], Any]) -> Any:

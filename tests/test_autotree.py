@@ -189,12 +189,13 @@ def test_plan_drops_the_copied_branch_where_nodes_are_dear():
 
 
 def test_measured_costs_never_fall_with_tree_size():
-    noisy = {1: 0.029, 2: 0.072, 3: 0.045, 4: 0.041, 6: 0.077, 8: 0.041}
+    # a load burst during the 1- and 2-node timings (measured on this project's machine)
+    noisy = {1: 0.0686, 2: 0.0524, 3: 0.0577, 4: 0.0566, 6: 0.0792, 8: 0.0750, 12: 0.0965}
     smooth = costs.nondecreasing(noisy)
     values = [smooth[n] for n in sorted(smooth)]
     assert values == sorted(values)
-    assert smooth[1] == 0.029 and smooth[2] == smooth[3] == smooth[4] == pytest.approx((0.072 + 0.045 + 0.041) / 3)
-    assert smooth[6] == smooth[8] == pytest.approx(0.059)
+    assert smooth[1] == smooth[2] == 0.0524  # not lifted to the outlier, nor the outlier pooled into 4 nodes
+    assert smooth[3] == smooth[4] == 0.0566 and smooth[6] == smooth[8] == 0.0750 and smooth[12] == 0.0965
     monotone = {1: 0.03, 2: 0.04, 4: 0.05}
     assert costs.nondecreasing(monotone) == monotone
 

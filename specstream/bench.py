@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .adapter import AdapterError
 from .decoding import DECODERS, DecodeSettings, SettingsError
 from .engine import build_model, default_adapter_path
-from .costs import cpu_name
+from .costs import cpu_name, device_costs, measure_afresh
 from .report import write_report
 from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
 from .streams import SpeculativeModel
@@ -209,6 +209,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         prune_threshold=args.prune_threshold, gamma=args.gamma, tree=args.tree, lookup_tokens=args.lookup_tokens,
         stream_pass=args.stream_pass,
     ).validate(model)
+    if not args.kept_costs:
+        measure_afresh(model)
     runner = Runner(base, model, settings)
     prompt_ids = [base.chat_prompt(p.text) for p in prompts]
     for method in methods:  # warm-up: first-call allocations and kernel selection
@@ -229,6 +231,16 @@ def run_interleaved(runs: dict[str, Callable[[list[int]], Outcome]], prompt_ids:
         for name in names[shift:] + names[:shift]:
             outcomes[name].append(runs[name](ids))
     return outcomes
+
+
+def pass_cost_tables(model, settings: DecodeSettings, kept: bool) -> dict:
+    """The pass costs the auto tree planned with (ms by tree size, per stream depth), so that a run's
+    tree choices can be explained afterwards."""
+    deferred = settings.deferred_streams()
+    tables = {d: device_costs(model, deferred, d) for d in range(1, (settings.gamma or model.gamma) + 1)}
+    return {"source": "kept on disk by an earlier process" if kept else "measured by this run",
+            "plain_step_ms": round(tables[1].plain * 1000, 2),
+            "tree_ms": {str(d): {str(n): round(t * 1000, 2) for n, t in table.tree.items()} for d, table in tables.items()}}
 
 
 def report(args, base, model, runner, methods, prompts, prompt_ids, outcomes) -> dict:
@@ -258,6 +270,7 @@ def report(args, base, model, runner, methods, prompts, prompt_ids, outcomes) ->
         "adapter": str(adapter_path) if adapter_path else "fresh (untrained)",
         "adapter_mode": model.adapter.config.mode if model.adapter else None,
         "settings": asdict(runner.settings) | {"max_new_tokens": args.max_new_tokens},
+        "pass_costs": pass_cost_tables(model, runner.settings, args.kept_costs) if "specstream" in methods else None,
         "prompts": len(prompts),
         "prompt_file": str(args.prompts),
         "schedule": "interleaved: every method on each prompt in turn, first method rotating",
@@ -309,6 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-pass", default=DecodeSettings.stream_pass, choices=("auto", "joint", "deferred"))
     parser.add_argument("--report", type=Path, nargs="?", const=Path("assets"), default=None,
                         help="write results.md and results.png into this folder (default: assets/)")
+    parser.add_argument("--kept-costs", action="store_true",
+                        help="plan with the pass costs kept on disk by an earlier process instead of measuring them afresh")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # The sizes one node's cost is fitted over: about what a copied chain adds on top of a small tree.
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_afresh: weakref.WeakSet = weakref.WeakSet()  # models whose tables on disk this process must not trust
 COST_MODEL = "v4: CPU kernels for matmuls, RMSNorm and rotary; verification head over every row with them"
 
 
@@ -182,6 +183,15 @@ def nondecreasing(table: dict[int, float]) -> dict[int, float]:
     return dict(sorted(smoothed.items()))
 
 
+def measure_afresh(model: SpeculativeModel) -> None:
+    """Measure `model`'s pass costs again in this process instead of reading the tables kept on disk,
+    and replace those. A kept table is only as good as the moment it was measured: one measured while
+    a training run shared the CPU read 10-40 % dear and misshapen, and misled the auto tree of every
+    later run until it was deleted."""
+    _afresh.add(model)
+    _measured.pop(model, None)
+
+
 def _kept(model: SpeculativeModel, key: str, measure: Callable[[], dict], parse: Callable[[dict], Any]) -> Any:
     """A measurement by key: from this process, else from the file on disk, else measured now and written."""
     known = _measured.setdefault(model, {})
@@ -189,6 +199,8 @@ def _kept(model: SpeculativeModel, key: str, measure: Callable[[], dict], parse:
         path = cache_root() / "pass-costs.json"
         table = _read_json(path)
         try:
+            if model in _afresh:
+                raise KeyError(key)
             known[key] = parse(table[key])
         except (KeyError, TypeError, ValueError, AttributeError):  # missing or damaged: measure again
             table[key] = measure()

@@ -97,6 +97,20 @@ def test_pass_costs_are_measured_once_and_kept_on_disk(tiny_base, tmp_path, monk
     assert costs.device_costs(fresh, deferred=True) == measured
 
 
+def test_a_run_can_measure_afresh_instead_of_trusting_the_disk(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSTREAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "SIZES", (1, 2, 4))
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    kept = costs.device_costs(model, deferred=True)
+    monkeypatch.setattr(costs, "pass_seconds", lambda m, sizes, **k: {size: 0.5 * size for size in sizes})
+    later = SpeculativeModel(tiny_base.weights, model.adapter)  # a later process, say a benchmark
+    costs.measure_afresh(later)
+    fresh = costs.device_costs(later, deferred=True)
+    assert fresh.tree == {1: 0.5, 2: 1.0, 4: 2.0} and fresh.plain == 0.5 and fresh.tree != kept.tree
+    reader = SpeculativeModel(tiny_base.weights, model.adapter)  # the fresh tables replaced the kept ones
+    assert costs.device_costs(reader, deferred=True).tree == fresh.tree
+
+
 def test_statistics_follow_a_change_of_content():
     stats = AcceptanceStats(1, 1)
 

@@ -6,6 +6,7 @@ import pytest
 
 from specstream import ablation, bench
 from specstream.adapter import save_adapter
+from specstream.costs import measure_afresh
 
 from .conftest import random_adapter
 
@@ -23,7 +24,9 @@ def prompt_file(tmp_path):
     return path
 
 
-def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path):
+def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path, monkeypatch):
+    afresh = []
+    monkeypatch.setattr(bench, "measure_afresh", lambda model: afresh.append(model) or measure_afresh(model))
     adapter = save_adapter(random_adapter(tiny_base, 0), tmp_path / "adapter")
     out = tmp_path / "out.json"
     argv = ["--prompts", str(prompt_file), "--limit", "2", "--max-new-tokens", "12", "--methods",
@@ -44,6 +47,10 @@ def test_bench_json_contract(tiny_dir, tiny_base, prompt_file, tmp_path):
     assert sum(by_source.values()) <= result["methods"]["specstream"]["mean_accepted"]
     assert result["identical_outputs"] == 2, result["divergences"]
     assert set(result["per_category"]) == {"writing", "coding"}
+    costs = result["pass_costs"]  # what the auto tree planned with, measured by this run
+    assert len(afresh) == 1
+    assert costs["source"] == "measured by this run" and costs["plain_step_ms"] > 0
+    assert sorted(costs["tree_ms"]) == ["1", "2", "3"] and all(ms > 0 for ms in costs["tree_ms"]["3"].values())
     table = (tmp_path / "report" / "results.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["coding", "writing", "**all**"]
     assert "hf_generate tok/s" in table and "identical outputs: 2 of 2" in table

@@ -185,9 +185,9 @@ def nondecreasing(table: dict[int, float]) -> dict[int, float]:
 
 def measure_afresh(model: SpeculativeModel) -> None:
     """Measure `model`'s pass costs again in this process instead of reading the tables kept on disk,
-    and replace those. A kept table is only as good as the moment it was measured: one measured while
-    a training run shared the CPU read 10-40 % dear and misshapen, and misled the auto tree of every
-    later run until it was deleted."""
+    and replace those. A kept table is only as good as the moment it was measured: one, measured at a
+    busy moment on this project's shared machine, read 10-40 % dear and misshapen, and misled the auto
+    tree of every later run until it was deleted."""
     _afresh.add(model)
     _measured.pop(model, None)
 

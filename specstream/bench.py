@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from .adapter import AdapterError
-from .decoding import DECODERS, DecodeSettings, SettingsError
+from .decoding import DECODERS, DecodeSettings, SettingsError, planning_costs
 from .engine import build_model, default_adapter_path
-from .costs import cpu_name, device_costs, measure_afresh
+from .costs import cpu_name, measure_afresh
 from .report import write_report
 from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
 from .streams import SpeculativeModel
@@ -236,8 +236,7 @@ def run_interleaved(runs: dict[str, Callable[[list[int]], Outcome]], prompt_ids:
 def pass_cost_tables(model, settings: DecodeSettings, kept: bool) -> dict:
     """The pass costs the auto tree planned with (ms by tree size, per stream depth), so that a run's
     tree choices can be explained afterwards."""
-    deferred = settings.deferred_streams()
-    tables = {d: device_costs(model, deferred, d) for d in range(1, (settings.gamma or model.gamma) + 1)}
+    tables = planning_costs(model, settings, settings.depth(model))
     return {"source": "kept on disk by an earlier process" if kept else "measured by this run",
             "plain_step_ms": round(tables[1].plain * 1000, 2),
             "tree_ms": {str(d): {str(n): round(t * 1000, 2) for n, t in table.tree.items()} for d, table in tables.items()}}
@@ -270,7 +269,9 @@ def report(args, base, model, runner, methods, prompts, prompt_ids, outcomes) ->
         "adapter": str(adapter_path) if adapter_path else "fresh (untrained)",
         "adapter_mode": model.adapter.config.mode if model.adapter else None,
         "settings": asdict(runner.settings) | {"max_new_tokens": args.max_new_tokens},
-        "pass_costs": pass_cost_tables(model, runner.settings, args.kept_costs) if "specstream" in methods else None,
+        # only where the auto tree planned with them: a fixed tree's run would measure them here, unused
+        "pass_costs": pass_cost_tables(model, runner.settings, args.kept_costs)
+        if "specstream" in methods and runner.settings.tree == "auto" else None,
         "prompts": len(prompts),
         "prompt_file": str(args.prompts),
         "schedule": "interleaved: every method on each prompt in turn, first method rotating",

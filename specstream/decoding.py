@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from .autotree import AcceptanceStats, CopiedStats, CopyKind, Plan, TreePlanner
-from .costs import device_costs
+from .costs import PassCosts, device_costs
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
 from .lookup import lookup_match
@@ -270,11 +270,16 @@ def _planned_depth(plan: Plan | None, depth: int) -> int:
 _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def planning_costs(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> dict[int, PassCosts]:
+    """This device's pass costs for every stream depth the auto tree may choose, up to `depth`."""
+    return {d: device_costs(model, settings.deferred_streams(), d) for d in range(1, depth + 1)}
+
+
 def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> TreePlanner:
     """The auto tree's planner for one run: this device's pass costs (measured once, before any
     pass is timed) and the acceptance statistics of the model's earlier runs."""
     top_k = settings.top_k[:depth]
-    costs = {d: device_costs(model, settings.deferred_streams(), d) for d in range(1, depth + 1)}
+    costs = planning_costs(model, settings, depth)
     shared = _shared_stats.setdefault(model, {})
     stats = shared.setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
     copied = shared.setdefault("copied", CopiedStats(MAX_LOOKUP_TOKENS)) if settings.lookup_tokens else None

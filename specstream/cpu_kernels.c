@@ -4,6 +4,10 @@
  * Decoding multiplies a handful of rows by large weight matrices. Each 16-column tile of W is
  * streamed from memory once and multiplied into up to six rows at a time, all accumulators in
  * AVX2 registers, so a pass over 8 rows reads the weights no more often than a pass over one.
+ * With three or more rows the multiply-adds take as long as the memory reads, and the two did not
+ * overlap (the hardware prefetcher fell behind), so the kernel prefetches the next tile while it
+ * multiplies this one: body of SmolLM2-135M on the 2-core AMD EPYC, 8 rows 26.6 -> 22.0 ms,
+ * 12 rows 29.7 -> 23.9, 16 rows 36.4 -> 30.6 (one or two rows, memory-bound, are faster without).
  * Every output element is the same sequence of fused multiply-adds over k whatever M is, so a
  * row's result does not depend on which other rows share the call.
  */
@@ -16,12 +20,14 @@
 
 static inline __attribute__((always_inline)) void multiply_tile(
     int rows, const float *x, int K, const float *tile, float *out /* (rows, TILE) */) {
+    const float *next = tile + (long)TILE * K;  /* the next tile; a prefetch past the end never faults */
     __m256 low[ROW_BLOCK], high[ROW_BLOCK];
     for (int m = 0; m < rows; m++) {
         low[m] = _mm256_setzero_ps();
         high[m] = _mm256_setzero_ps();
     }
     for (int k = 0; k < K; k++) {
+        if (rows > 2) _mm_prefetch((const char *)(next + TILE * k), _MM_HINT_T0);
         __m256 w_low = _mm256_loadu_ps(tile + TILE * k), w_high = _mm256_loadu_ps(tile + TILE * k + 8);
         for (int m = 0; m < rows; m++) {
             __m256 xb = _mm256_broadcast_ss(x + (long)m * K + k);
@@ -57,11 +63,15 @@ void small_gemm(const float *x, int M, int K, const float *packed, int N, float 
         const float *tile = packed + (long)t * K * TILE;
         int columns = N - TILE * t < TILE ? N - TILE * t : TILE;
         float out[ROW_BLOCK * TILE];
-        for (int first = 0; first < M; first += ROW_BLOCK) {
-            int rows = M - first < ROW_BLOCK ? M - first : ROW_BLOCK;
+        /* Blocks of nearly equal size (8 rows: 4 + 4, not 6 + 2), so none is too small to hide the
+         * latency of its multiply-adds. */
+        int blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+        for (int block = 0, first = 0; block < blocks; block++) {
+            int rows = (M - first + blocks - block - 1) / (blocks - block);
             multiply_block(rows, x + (long)first * K, K, tile, out);
             for (int m = 0; m < rows; m++)
                 memcpy(y + (long)(first + m) * N + TILE * t, out + TILE * m, columns * sizeof(float));
+            first += rows;
         }
     }
 }

@@ -223,7 +223,8 @@ def decoder_layer(
     """One Llama layer over rows x (B, R, d).
 
     `kv(k, v)` receives this layer's new keys and values (B, Hkv, R, hd) and returns every key and
-    value the rows may attend to (B, Hkv, S, hd); `mask` (R, S) is True where a row may attend.
+    value the rows may attend to (B, Hkv, S, hd); `mask` (R, S) is True where a row may attend (or
+    the additive bias of `attention_bias`).
     """
     batch, rows, _ = x.shape
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
@@ -247,6 +248,13 @@ def decoder_layer(
     h = rms_norm(x, layer.post_norm, shape.rms_norm_eps)
     gate, up = _project("gate_up", h, layer, delta).chunk(2, dim=-1)
     return x + _project("down", F.silu(gate) * up, layer, delta)
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (R, S) as the additive bias attention takes (0 where a row may attend,
+    -inf elsewhere). Made once per pass: given the boolean mask, attention converts it in every layer
+    (about 1 ms a pass over 8 tree nodes on the 2-core AMD EPYC; the same bits either way)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def causal_block_mask(past: int, rows: int, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from .adapter import StreamAdapter
 from .kv_cache import KVCache
-from .llama import LlamaWeights, decoder_layer, rms_norm, rotary_tables
+from .llama import LlamaWeights, attention_bias, decoder_layer, rms_norm, rotary_tables
 from .phrases import PhraseTable
 from .cpu_kernels import PackedMatrix, pack
 
@@ -154,7 +154,7 @@ class SpeculativeModel:
         mask = torch.cat([block_mask.new_ones(count, past), block_mask], dim=1)
         x = w.embed[tokens][None]  # (1, T, d)
         rotary = rotary_tables(w, positions)
-        low_mask = None if count == 1 else mask
+        low_mask = None if count == 1 else attention_bias(mask, w.dtype)
         for layer in range(self.first_stream_layer):
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, past, past + count), low_mask)
         early_hidden = x[0]
@@ -167,8 +167,8 @@ class SpeculativeModel:
         x, rotary, mask, slots = self._add_streams(x, positions, mask, sources, gamma, kept, past)
         first_adapted = len(kept) if (self.adapter and self.adapter.config.lossless) else 0
         span = mask.shape[1]
-        if not sources and count == 1:
-            mask = None  # a single new row sees every slot: no mask is faster
+        # A single new row sees every slot: no mask is faster.
+        mask = None if not sources and count == 1 else attention_bias(mask, w.dtype)
         for layer in range(self.first_stream_layer, self.shape.num_layers):
             delta = LoraDelta(self.adapter, layer - self.first_stream_layer, first_adapted, self._packed_lora) if self.adapter else None
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, slots, span), mask, delta)
@@ -218,7 +218,7 @@ class SpeculativeModel:
         offsets = torch.arange(1, gamma + 1, device=x.device)
         rotary = rotary_tables(w, offsets + (length - 1))
         visible = torch.ones(1, length, dtype=torch.bool, device=x.device)
-        mask = stream_attention_mask(visible, [0], gamma)[1:]  # (gamma, length + gamma)
+        mask = attention_bias(stream_attention_mask(visible, [0], gamma)[1:], w.dtype)  # (gamma, length + gamma)
         for layer in range(self.first_stream_layer, self.shape.num_layers):
             delta = LoraDelta(self.adapter, layer - self.first_stream_layer, 0, self._packed_lora)
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, length, length + gamma), mask, delta)

@@ -4,7 +4,9 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from specstream.llama import attention_bias
 from specstream.loading import load_base_model, load_reference_model
 from specstream.streams import SpeculativeModel
 from specstream.tree import DraftNode, DraftTree, tree_attention_mask
@@ -100,3 +102,17 @@ def test_pass_costs_are_measured_per_tree_size(tiny_base):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 0))
     costs = pass_seconds(model, [1, 4, 16], prompt_length=20, repeats=2)
     assert set(costs) == {1, 4, 16} and all(seconds > 0 for seconds in costs.values())
+
+
+def test_attention_bias_gives_attention_the_same_bits_as_the_boolean_mask():
+    """The forward pass converts a tree's mask once instead of in every layer; that must not change a bit."""
+    generator = torch.Generator().manual_seed(0)
+    rows, slots = 7, 40
+    q = torch.randn(1, 6, rows, 16, generator=generator)
+    k, v = torch.randn(2, 1, 2, slots, 16, generator=generator)
+    mask = torch.rand(rows, slots, generator=generator) > 0.4
+    mask[:, 0] = True
+    bias = attention_bias(mask, torch.float32)
+    assert bias.dtype == torch.float32 and (bias[mask] == 0).all() and torch.isinf(bias[~mask]).all()
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], enable_gqa=True)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None, None], enable_gqa=True), expected)

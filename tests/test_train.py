@@ -103,3 +103,19 @@ def test_draft_vocabulary_holds_the_data_tokens(tiny_dir, tmp_path):
     settings = DecodeSettings(max_new_tokens=16, tree="fixed", stop_at_eos=False)
     drafted = [n.token_id for r in specstream_decode(model, [3, 7, 8, 4], settings) for n in r.nodes if n.source == "stream"]
     assert drafted and set(drafted) <= set(ids)
+
+
+def test_features_stored_in_bfloat16_are_computed_in_float32(tiny_dir, tmp_path):
+    """Half the memory for the cached features (what bounds the data on a 23 GB machine), not bf16 math."""
+    base = load_base_model(str(tiny_dir), device="cpu")
+    sequences = [train.Sequence((3, 7, 8, 9, 10, 11, 4), 2), train.Sequence((3, 9, 12, 4, 6), 1)]
+    full = train.precompute(base.weights, sequences, 1, True, 2, torch.float32, "fp32")[0]
+    half = train.precompute(base.weights, sequences, 1, True, 2, torch.bfloat16, "bf16", torch.float32)[0]
+    assert half.early_hidden.dtype == half.main_keys[0].dtype == torch.bfloat16
+    assert torch.equal(half.early_hidden, full.early_hidden.to(torch.bfloat16))
+    assert torch.equal(half.main_values[-1], full.main_values[-1].to(torch.bfloat16))
+    data = write_samples(tmp_path / "data")
+    first = train.main(argv(tiny_dir, data, tmp_path / "one", "--epochs", "1", "--stop-after", "1", "--feature-dtype", "bfloat16"))
+    result = train.main(argv(tiny_dir, data, tmp_path / "b", "--epochs", "8", "--feature-dtype", "bfloat16"))
+    assert result["feature_dtype"] == "bfloat16"
+    assert result["last_batch"]["loss"] < first["last_batch"]["loss"] * 0.7

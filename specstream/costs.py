@@ -29,7 +29,7 @@ SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _afresh: weakref.WeakSet = weakref.WeakSet()  # models whose tables on disk this process must not trust
-COST_MODEL = "v6: CPU kernels for matmuls (prefetching the next tile), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
+COST_MODEL = "v7: CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
 
 
 def _sync(device: torch.device) -> None:

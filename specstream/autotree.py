@@ -244,6 +244,10 @@ class TreePlanner:
             return 0
         return self.copied.chain_length(kind, self.max_lookup, self.plan.copy_price)
 
+    def copied_rate(self, kind: CopyKind, position: int) -> float:
+        """The chance that a copied token of this kind at `position` (from 1) is accepted, given the one before it was."""
+        return self.copied.of(kind).rate(position) if self.copied is not None else PRIOR_LOOKUP
+
     def observe(self, record: StepRecord) -> None:
         self.stats.observe(record)
         if self.copied is not None:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .adapter import AdapterError
-from .decoding import DECODERS, DecodeSettings, SettingsError, planning_costs
+from .decoding import DECODERS, STREAM_PASSES, DecodeSettings, SettingsError, planning_costs
 from .engine import build_model, default_adapter_path
 from .costs import cpu_name, measure_afresh
 from .report import write_report
@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the node budget (at most --node-budget) that measured pass costs favour")
     parser.add_argument("--lookup-tokens", type=int, default=DecodeSettings.lookup_tokens,
                         help="prompt-lookup branch length; 0 = off")
-    parser.add_argument("--stream-pass", default=DecodeSettings.stream_pass, choices=("auto", "joint", "deferred"))
+    parser.add_argument("--stream-pass", default=DecodeSettings.stream_pass, choices=STREAM_PASSES)
     parser.add_argument("--report", type=Path, nargs="?", const=Path("assets"), default=None,
                         help="write results.md and results.png into this folder (default: assets/)")
     parser.add_argument("--kept-costs", action="store_true",

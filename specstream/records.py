@@ -56,6 +56,11 @@ class StepRecord:
     # judged this kind of chain not worth a node.
     copied_source: str | None = None
     copied_key: int = 0
+    # The tree nodes whose speculative streams this pass computed (`stream_depth` each), and whether
+    # the accepted path ended elsewhere, so that a short second pass computed that node's streams.
+    stream_nodes: tuple[int, ...] = ()
+    stream_depth: int = 0
+    second_pass: bool = False
 
     @property
     def tokens_per_pass(self) -> float:

@@ -10,7 +10,7 @@ the main stream up to and including t and to streams 1..j of t (multi-stream att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -85,6 +85,11 @@ class PassOutput:
     main_hidden: torch.Tensor  # (K, d), final-normed, for kept rows
     stream_hidden: torch.Tensor | None  # (sources, gamma, d), final-normed
     early_hidden: torch.Tensor  # (T, d), main stream at the first stream layer, before pruning
+    stream_nodes: list[int] = field(default_factory=list)  # the input row of each stream source
+
+    def streams_of(self, node: int) -> torch.Tensor | None:
+        """(gamma, d): the streams this pass computed at input row `node`; None if it computed none there."""
+        return self.stream_hidden[self.stream_nodes.index(node)] if node in self.stream_nodes else None
 
 
 class SpeculativeModel:
@@ -141,12 +146,13 @@ class SpeculativeModel:
         positions: torch.Tensor,
         block_mask: torch.Tensor,
         *,
-        stream_sources: str | None = None,
+        stream_sources: str | list[int] | None = None,
         select_rows: RowSelector | None = None,
         gamma: int | None = None,
     ) -> PassOutput:
         """One pass over T new main-stream rows (T,) at `positions`, seeing the committed cache and
-        the block rows that `block_mask` (T, T) allows. `stream_sources` is None, "all" or "last";
+        the block rows that `block_mask` (T, T) allows. `stream_sources` is None, "all", "last" or a
+        list of input rows (a pruned row among them gets no streams);
         `select_rows` may prune rows at the first stream layer; `gamma` may use only the first
         streams, which is exact because stream j never sees streams after it. Writes the main rows' keys and
         values past `cache.length` (at their original offsets) without committing them."""
@@ -162,7 +168,7 @@ class SpeculativeModel:
         kept = list(range(count)) if kept is None else kept
         if len(kept) < count:
             x, positions, mask = x[:, kept], positions[kept], mask[kept]
-        sources = self._stream_sources(stream_sources, len(kept))
+        sources = self._stream_sources(stream_sources, kept)
         gamma = self.gamma if gamma is None else min(gamma, self.gamma)
         x, rotary, mask, slots = self._add_streams(x, positions, mask, sources, gamma, kept, past)
         first_adapted = len(kept) if (self.adapter and self.adapter.config.lossless) else 0
@@ -174,16 +180,22 @@ class SpeculativeModel:
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, slots, span), mask, delta)
         hidden = rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
         streams = hidden[len(kept) :].view(len(sources), gamma, -1) if sources else None
-        return PassOutput(kept, hidden[: len(kept)], streams, early_hidden)
+        return PassOutput(kept, hidden[: len(kept)], streams, early_hidden, [kept[row] for row in sources])
 
     @staticmethod
     def _writer(cache: KVCache, layer: int, slots, span: int):
         return lambda k, v: cache.write(layer, slots, k, v, span)
 
-    def _stream_sources(self, which: str | None, kept_count: int) -> list[int]:
+    def _stream_sources(self, which: str | list[int] | None, kept: list[int]) -> list[int]:
+        """The kept rows (positions in `kept`) that carry streams."""
         if which is None or self.adapter is None:
             return []
-        return list(range(kept_count)) if which == "all" else [kept_count - 1]
+        if which == "all":
+            return list(range(len(kept)))
+        if which == "last":
+            return [len(kept) - 1]
+        wanted = set(which)
+        return [row for row, node in enumerate(kept) if node in wanted]
 
     def _add_streams(self, x, positions, mask, sources, gamma, kept, past):
         """Append stream rows (source-major) and build the top layers' rotary, mask and slots."""

@@ -118,6 +118,18 @@ def tree_attention_mask(parents: list[int], device=None) -> torch.Tensor:
     return mask.to(device)
 
 
+def likely_ends(parents: list[int], acceptance: list[float], least: float) -> list[int]:
+    """The nodes where the accepted path ends with a chance of at least `least` (the root always).
+
+    `acceptance[i]` is the chance that node i is accepted (root: 1). Siblings are exclusive (one
+    token can match), so the path ends at a node with its own chance less its children's."""
+    ends = list(acceptance)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            ends[parent] -= acceptance[node]
+    return [node for node, chance in enumerate(ends) if node == 0 or chance >= least]
+
+
 def prune_by_score(parents: list[int], scores: list[float], threshold: float) -> list[bool]:
     """Keep a node iff its own score and all its ancestors' reach the threshold (root always)."""
     keep = []

@@ -34,7 +34,7 @@ def test_specstream_equals_plain_for_random_adapters(tiny_base, seed):
     settings = DecodeSettings(
         max_new_tokens=rng.randrange(1, 50), top_k=(6, 4, 3), node_budget=rng.choice([1, 5, 60]),
         prune_threshold=rng.choice([0.0, 0.05]), lookup_tokens=rng.choice([0, 5]),
-        stream_pass=rng.choice(["joint", "deferred"]), stop_at_eos=False,
+        stream_pass=rng.choice(["joint", "deferred", "likely"]), stop_at_eos=False,
     )
     plain, spec = decode_both(model, prompt, settings)
     assert tokens_of(spec) == tokens_of(plain)
@@ -154,17 +154,19 @@ def test_prompt_lookup_branch_is_verified_losslessly(tiny_base):
     assert lookup_accepted
 
 
-def test_deferred_streams_draft_what_the_joint_pass_drafts(tiny_base):
+@pytest.mark.parametrize("mode", ["deferred", "likely"])
+def test_other_stream_passes_draft_what_the_joint_pass_drafts(tiny_base, mode):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 4))
     runs = {}
-    for mode in ("joint", "deferred"):
-        settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, tree="fixed", stream_pass=mode, stop_at_eos=False)
-        runs[mode] = list(specstream_decode(model, [3, 9, 4], settings))
-    assert len(runs["joint"]) == len(runs["deferred"])
-    for joint, deferred in zip(runs["joint"], runs["deferred"]):
-        assert [n.token_id for n in joint.nodes] == [n.token_id for n in deferred.nodes]
-        assert [round(n.draft_prob, 9) for n in joint.nodes] == [round(n.draft_prob, 9) for n in deferred.nodes]
-        assert joint.emitted_tokens == deferred.emitted_tokens
+    for stream_pass in ("joint", mode):
+        settings = DecodeSettings(max_new_tokens=30, top_k=(6, 4, 3), node_budget=40, tree="fixed", stream_pass=stream_pass,
+                                  stop_at_eos=False)
+        runs[stream_pass] = list(specstream_decode(model, [3, 9, 4], settings))
+    assert len(runs["joint"]) == len(runs[mode])
+    for joint, other in zip(runs["joint"], runs[mode]):
+        assert [n.token_id for n in joint.nodes] == [n.token_id for n in other.nodes]
+        assert [round(n.draft_prob, 9) for n in joint.nodes] == [round(n.draft_prob, 9) for n in other.nodes]
+        assert joint.emitted_tokens == other.emitted_tokens
     assert any(r.accepted_length for r in runs["joint"][1:])
 
 

@@ -10,11 +10,22 @@ from .conftest import random_adapter
 PROMPT = [1, 7, 9, 12, 4, 18, 6, 10, 15]
 
 
-def run(model, tokens, gamma=None):
+def run(model, tokens, gamma=None, sources="all"):
     cache = model.new_cache(len(tokens) * 8 + 32)
     causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
     with torch.inference_mode():
-        return model.forward(cache, torch.tensor(tokens), torch.arange(len(tokens)), causal, stream_sources="all", gamma=gamma)
+        return model.forward(cache, torch.tensor(tokens), torch.arange(len(tokens)), causal, stream_sources=sources, gamma=gamma)
+
+
+def test_streams_at_chosen_nodes_are_those_of_the_full_pass(tiny_base):
+    """What stream_pass "likely" relies on: computing some nodes' streams leaves theirs unchanged."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 4))
+    every, some = run(model, PROMPT), run(model, PROMPT, sources=[0, 5, 8])
+    assert some.stream_nodes == [0, 5, 8] and some.stream_hidden.shape[0] == 3
+    for node in (0, 5, 8):
+        torch.testing.assert_close(some.streams_of(node), every.streams_of(node), atol=1e-5, rtol=1e-5)
+    assert some.streams_of(3) is None
+    assert torch.equal(some.main_hidden, every.main_hidden)
 
 
 def test_main_stream_ignores_stream_weights(tiny_base):

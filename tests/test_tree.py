@@ -5,7 +5,8 @@ import random
 import torch
 
 from specstream.lookup import lookup_continuation
-from specstream.tree import Fate, accept_longest_path, build_tree, graft_chain, node_fates, prune_by_score, tree_attention_mask
+from specstream.tree import (Fate, accept_longest_path, build_tree, graft_chain, likely_ends, node_fates, prune_by_score,
+                             tree_attention_mask)
 
 
 def test_build_tree_respects_budget_and_top_k():
@@ -81,3 +82,12 @@ def test_graft_chain_shares_existing_prefix():
     new = grafted.nodes[len(tree):]
     assert [n.source for n in new] == ["lookup", "lookup"]
     assert grafted.nodes[new[0].parent].token == 10 and new[1].depth == 3
+
+
+def test_likely_ends_are_where_the_path_stops_often_enough():
+    # root -> a (0.6) -> c (0.5 of a: 0.3); root -> b (0.2); the path ends at the root with 0.2,
+    # at a with 0.3, at b with 0.2, at c with 0.3.
+    parents, acceptance = [-1, 0, 0, 1], [1.0, 0.6, 0.2, 0.3]
+    assert likely_ends(parents, acceptance, 0.25) == [0, 1, 3]
+    assert likely_ends(parents, acceptance, 0.0) == [0, 1, 2, 3]
+    assert likely_ends(parents, [1.0, 0.9, 0.1, 0.9], 0.5) == [0, 3]  # the root always carries streams

@@ -99,11 +99,24 @@ def test_attention_mask_figure_is_the_pass_mask(trace):
     record = next(r for r in trace.steps() if any(n.fate is Fate.PRUNED for n in r.nodes))
     kept = [n for n in record.nodes if n.fate is not Fate.PRUNED]
     row = {n.index: i for i, n in enumerate(kept)}
-    expected = stream_attention_mask(tree_attention_mask([row.get(n.parent, -1) for n in kept]),
-                                     list(range(len(kept))), trace.depth)
+    sources = [row[n] for n in record.stream_nodes]
+    assert record.stream_nodes and set(record.stream_nodes) <= set(row)
+    expected = stream_attention_mask(tree_attention_mask([row.get(n.parent, -1) for n in kept]), sources, record.stream_depth)
     z = figures.attention_mask_figure(record, trace.depth).data[0].z
-    assert len(z) == len(kept) * (1 + trace.depth)
+    assert len(z) == len(kept) + len(sources) * record.stream_depth
     assert [[bool(v) for v in line] for line in z] == expected.tolist()
+
+
+def test_attention_mask_shows_only_the_streams_a_pass_computed(tiny_base):
+    """With streams only where the path is likely to end, the mask has no rows for the others."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 7))
+    settings = dataclasses.replace(SETTINGS, prune_threshold=0.0, stream_pass="likely")
+    *_, last = race(model, "w3 w4 w5", tiny_base.chat_prompt("w3 w4 w5"), settings, tiny_base.token_text)
+    record = next(r for r in last.steps() if 0 < len(r.stream_nodes) < len(r.nodes))
+    z = figures.attention_mask_figure(record, last.depth).data[0].z
+    assert len(z) == len(record.nodes) + len(record.stream_nodes) * record.stream_depth
+    labels = figures.mask_labels(record, record.stream_depth)
+    assert sum(label.startswith("S1·") for label in labels) == len(record.stream_nodes)
 
 
 def test_highlight_bands_come_from_token_ids(trace):

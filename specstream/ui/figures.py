@@ -72,6 +72,10 @@ def _node_hover(node: NodeRecord, record: StepRecord) -> str:
                 f"draft p={node.draft_prob:.3f} · rank {node.rank + 1}")
     score = "not computed" if node.prune_score is None else f"{node.prune_score:.3f}"
     text = f"{head}<br>pruning score: {score}"
+    if node.index in record.stream_nodes:
+        text += "<br>its streams were computed in this pass"
+    elif record.second_pass and node.index == record.accepted_path[-1]:
+        text += "<br>its streams took a short second pass (the path was unlikely to end here)"
     wanted = nodes[node.parent].main_choice_text if node.parent >= 0 else None
     if node.fate == Fate.REJECTED and wanted is not None:
         text += f"<br>the model wanted: {visible(wanted)}"
@@ -170,28 +174,39 @@ def pass_time_figure(trace: Trace) -> go.Figure:
     return _layout(fig, "Time per forward pass (no prefill)", xaxis_title="step", yaxis_title="ms")
 
 
+def _stream_sources(record: StepRecord, kept: list[NodeRecord]) -> list[NodeRecord]:
+    """The kept nodes whose streams the pass computed (every kept node in records that do not say)."""
+    if not record.stream_nodes and not record.second_pass:
+        return kept
+    carried = set(record.stream_nodes)
+    return [n for n in kept if n.index in carried]
+
+
 def mask_labels(record: StepRecord, gamma: int, sparse: bool = False) -> list[str]:
-    """Row labels: each kept tree node, then its streams. `sparse` names a node's streams once,
-    on its first stream row, so a large mask stays legible."""
+    """Row labels: each kept tree node, then the streams of the nodes that carried them. `sparse`
+    names a node's streams once, on its first stream row, so a large mask stays legible."""
     kept = [n for n in record.nodes if n.fate is not Fate.PRUNED]
     main = [f"{visible(n.text)} (d{n.depth})" for n in kept]
+    sources = _stream_sources(record, kept)
     if sparse:
-        streams = [f"S1–{gamma} of {visible(n.text)}" if j == 1 else "" for n in kept for j in range(1, gamma + 1)]
+        streams = [f"S1–{gamma} of {visible(n.text)}" if j == 1 else "" for n in sources for j in range(1, gamma + 1)]
     else:
-        streams = [f"S{j}·{visible(n.text)}" for n in kept for j in range(1, gamma + 1)]
+        streams = [f"S{j}·{visible(n.text)}" for n in sources for j in range(1, gamma + 1)]
     return main + streams
 
 
 def attention_mask_figure(record: StepRecord | None, gamma: int) -> go.Figure:
-    """The top layers' attention mask of one tree pass: tree rows, then each node's streams.
-    Pruned nodes never reach the top layers, so they are left out; the cached prefix, which every
-    row sees, is left out too."""
+    """The top layers' attention mask of one tree pass: tree rows, then the streams of the nodes
+    that carried them (all, or where the path was likely to end). Pruned nodes never reach the top
+    layers, so they are left out; the cached prefix, which every row sees, is left out too."""
     if record is None or not record.nodes:
         return empty_figure("Pick a step to see its attention mask.", 420)
+    gamma = record.stream_depth or gamma
     kept = [n for n in record.nodes if n.fate is not Fate.PRUNED]
     row_of = {n.index: row for row, n in enumerate(kept)}
     parents = [row_of.get(n.parent, -1) for n in kept]
-    mask = stream_attention_mask(tree_attention_mask(parents), list(range(len(kept))), gamma).tolist()
+    sources = [row_of[n.index] for n in _stream_sources(record, kept)]
+    mask = stream_attention_mask(tree_attention_mask(parents), sources, gamma).tolist()
     full_labels = mask_labels(record, gamma)
     labels = mask_labels(record, gamma, sparse=len(full_labels) > 40)
     # 1 = a tree row sees it, 2 = a stream row sees it: two colours so the two kinds read apart.

@@ -25,11 +25,14 @@ from .tree import tree_attention_mask
 
 # Tree sizes the auto tree chooses from (root included); 1 is a pass with streams but no drafts.
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Nodes that carry streams in a pass of stream_pass "likely", for its cost table: 16 Spec-Bench prompts
+# averaged 2.4 to 3.1 (the root and the likeliest one or two drafts); the rare second pass is not priced.
+LIKELY_SOURCES = 3
 # The sizes one node's cost is fitted over: about what a copied chain adds on top of a small tree.
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _afresh: weakref.WeakSet = weakref.WeakSet()  # models whose tables on disk this process must not trust
-COST_MODEL = "v7: CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
+COST_MODEL = "v8: tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
 
 
 def _sync(device: torch.device) -> None:
@@ -50,11 +53,15 @@ def pass_seconds(
     repeats: int = 7,
     deferred: bool = False,
     depth: int | None = None,
+    sources: int = 0,
+    reference: bool = False,
 ) -> dict[int, float]:
     """Median wall time of one decoding pass (tree forward, verification logits, draft logits at
     one node) per tree size; size 1 without streams is a plain decoding step. `deferred` computes
     the streams as a deferred decoder does: one node's, after the tree pass; `depth` streams per
-    node (default: all of the adapter's)."""
+    node (default: all of the adapter's); `sources` > 0 computes streams at that many nodes only
+    (stream_pass "likely"), 0 at every node. `reference` also times a plain step in the same rounds,
+    as size 0."""
     device = model.weights.device
     vocab = model.shape.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -64,8 +71,10 @@ def pass_seconds(
     model.forward(cache, prompt, torch.arange(prompt_length, device=device), causal)
     cache.advance(prompt_length)
     depth = model.gamma if depth is None else depth
-    passes = {size: _measured_pass(model, cache, size, prompt_length, generator, deferred, depth) for size in sizes}
-    timings: dict[int, list[float]] = {size: [] for size in sizes}
+    passes = {size: _measured_pass(model, cache, size, prompt_length, generator, deferred, depth, sources) for size in sizes}
+    if reference:
+        passes[0] = _measured_pass(SpeculativeModel(model.weights, None), cache, 1, prompt_length, generator, False, 0)
+    timings: dict[int, list[float]] = {size: [] for size in passes}
     # Round-robin over the sizes, so that a burst of load from a neighbour on a shared machine
     # spreads over all sizes instead of inflating one of them.
     for _ in range(repeats + 1):  # the first round is a warm-up
@@ -78,7 +87,8 @@ def pass_seconds(
     return {size: statistics.median(times[1:]) for size, times in timings.items()}
 
 
-def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int, generator, deferred: bool, depth: int):
+def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int, generator, deferred: bool, depth: int,
+                   sources: int = 0):
     """One decoding pass over a bushy tree of `size` random nodes, as a callable."""
     device = model.weights.device
     parents = _bushy_parents(size)
@@ -89,6 +99,8 @@ def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int
     positions = depths.to(device) + prompt_length
     mask = tree_attention_mask(parents, device)
     streams = "all" if size > 1 and model.adapter is not None and not deferred else None
+    if streams and sources:
+        streams = list(range(min(sources, size)))
 
     def run() -> None:
         out = model.forward(cache, tokens, positions, mask, stream_sources=streams, gamma=depth or None)
@@ -147,8 +159,9 @@ def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:
     return statistics.median(timings[1:])
 
 
-def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = None) -> PassCosts:
-    """The running device's pass costs with `depth` streams per node (default: all): measured once
+def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = None, likely: bool = False) -> PassCosts:
+    """The running device's pass costs with `depth` streams per node (default: all) at every node, or
+    with `likely` at LIKELY_SOURCES nodes (about what stream_pass "likely" computes): measured once
     per model and process, and kept on disk for the next start. The plain step and the head row do
     not depend on the tree, so the tables of every depth share one measurement of them (and the
     speedups the auto tree compares across depths share one denominator)."""
@@ -162,11 +175,21 @@ def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = No
     )
     tree = _kept(
         model,
-        _device_key(model, f"{'deferred' if deferred else 'joint'} tree, depth {depth}"),
-        lambda: pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth),
+        _device_key(model, f"{'deferred' if deferred else 'likely' if likely else 'joint'} tree, depth {depth}"),
+        lambda: _tree_table(model, plain, deferred, depth, LIKELY_SOURCES if likely and not deferred else 0),
         lambda raw: nondecreasing({int(size): float(seconds) for size, seconds in raw.items()}),
     )
     return PassCosts(plain, tree, per_token)
+
+
+def _tree_table(model: SpeculativeModel, plain: float, deferred: bool, depth: int, sources: int) -> dict[int, float]:
+    """A tree-cost table scaled to the shared plain step: each table times a plain step in its own
+    rounds, and its sizes keep their ratio to that. A busy minute on a shared machine slows a whole
+    table; unscaled, one depth's table read 15 % dearer than another's for the same one-node pass,
+    and the auto tree chose between depths by that noise."""
+    raw = pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth, sources=sources, reference=True)
+    reference = raw.pop(0)
+    return {size: seconds * plain / reference for size, seconds in raw.items()}
 
 
 def nondecreasing(table: dict[int, float]) -> dict[int, float]:

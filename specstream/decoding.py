@@ -55,8 +55,7 @@ class DecodeSettings:
     # pass). "deferred": only the deepest accepted node's streams, in a short second pass over the
     # top layers (same drafts, fewer rows, one more pass). "likely" (what "auto" does): streams only
     # at the nodes where the accepted path is likely to end (the root, and any node with a chance of
-    # at least LIKELY_END), the second pass only when it ends elsewhere; the auto tree still prices
-    # nodes with the joint pass's costs. Same drafts in every mode. On 16 Spec-Bench prompts on a
+    # at least LIKELY_END), the second pass only when it ends elsewhere. Same drafts in every mode. On 16 Spec-Bench prompts on a
     # 2-core Xeon (interleaved, two runs) "likely" was 1-3 % faster than "joint", with 2-3 stream
     # sources a pass instead of 4-9 and a second pass in 2-8 % of passes.
     stream_pass: str = "auto"
@@ -304,7 +303,7 @@ _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def planning_costs(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> dict[int, PassCosts]:
     """This device's pass costs for every stream depth the auto tree may choose, up to `depth`."""
-    return {d: device_costs(model, settings.deferred_streams(), d) for d in range(1, depth + 1)}
+    return {d: device_costs(model, settings.deferred_streams(), d, settings.likely_streams()) for d in range(1, depth + 1)}
 
 
 def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> TreePlanner:

@@ -102,11 +102,16 @@ def test_a_run_can_measure_afresh_instead_of_trusting_the_disk(tiny_base, tmp_pa
     monkeypatch.setattr(costs, "SIZES", (1, 2, 4))
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
     kept = costs.device_costs(model, deferred=True)
-    monkeypatch.setattr(costs, "pass_seconds", lambda m, sizes, **k: {size: 0.5 * size for size in sizes})
+    # Tree tables time a plain step in their own rounds (size 0) and are scaled to the shared one:
+    # here the tree table's rounds ran at half speed (its plain step took 1.0 s, the shared one 0.5).
+    def fake(model, sizes, **options):
+        return {size: 0.5 * size for size in sizes} | ({0: 1.0} if options.get("reference") else {})
+
+    monkeypatch.setattr(costs, "pass_seconds", fake)
     later = SpeculativeModel(tiny_base.weights, model.adapter)  # a later process, say a benchmark
     costs.measure_afresh(later)
     fresh = costs.device_costs(later, deferred=True)
-    assert fresh.tree == {1: 0.5, 2: 1.0, 4: 2.0} and fresh.plain == 0.5 and fresh.tree != kept.tree
+    assert fresh.plain == 0.5 and fresh.tree == {1: 0.25, 2: 0.5, 4: 1.0} and fresh.tree != kept.tree
     reader = SpeculativeModel(tiny_base.weights, model.adapter)  # the fresh tables replaced the kept ones
     assert costs.device_costs(reader, deferred=True).tree == fresh.tree
 

@@ -1,5 +1,5 @@
 """Where the speed comes from: plain decoding and Speculative Streaming with one setting changed
-at a time (tree size, pruning, prompt-lookup branches), on the same prompts in one process, taking
+at a time (tree size, pruning, prompt-lookup branches, where streams are computed), on the same prompts in one process, taking
 turns on each prompt as the benchmark's methods do.
 
     python -m specstream.ablation --prompts FILE.jsonl --per-category 2 --max-new-tokens 128 \\
@@ -26,6 +26,7 @@ VARIANTS: dict[str, dict | None] = {
     "default (auto tree, prompt lookup, phrase table)": {},
     "no phrase table (auto tree, prompt lookup)": {"phrases": False},
     "no copied branch (auto tree)": {"lookup_tokens": 0},
+    "streams at every node (stream pass joint)": {"stream_pass": "joint"},
     "fixed tree, 4 nodes, no lookup": {"tree": "fixed", "node_budget": 4, "lookup_tokens": 0},
     "fixed tree, 8 nodes, no lookup": {"tree": "fixed", "node_budget": 8, "lookup_tokens": 0},
     "fixed tree, 16 nodes, no lookup": {"tree": "fixed", "node_budget": 16, "lookup_tokens": 0},

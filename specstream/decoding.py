@@ -53,11 +53,13 @@ class DecodeSettings:
     phrases: bool = True
     # "joint": every tree node carries its streams through the top layers (the paper's single
     # pass). "deferred": only the deepest accepted node's streams, in a short second pass over the
-    # top layers (same drafts, fewer rows, one more pass). "likely" (what "auto" does): streams only
+    # top layers (same drafts, fewer rows, one more pass). "likely" (what "auto" does on a CPU; on a
+    # GPU "auto" is joint): streams only
     # at the nodes where the accepted path is likely to end (the root, and any node with a chance of
     # at least LIKELY_END), the second pass only when it ends elsewhere. Same drafts in every mode. On 16 Spec-Bench prompts on a
-    # 2-core Xeon (interleaved, two runs) "likely" was 1-3 % faster than "joint", with 2-3 stream
-    # sources a pass instead of 4-9 and a second pass in 2-8 % of passes.
+    # 2-core Xeon (interleaved, four runs) "likely" was 0-3 % faster than "joint", with 2-3 stream
+    # sources a pass instead of 4-9 and a second pass in 8-24 % of passes; on 8 prompts 4 % slower:
+    # within this shared machine's noise, with fewer rows computed.
     stream_pass: str = "auto"
     # "auto": each pass drafts the node budget (at most `node_budget`, shaped by `top_k`) that the
     # measured pass costs and the acceptance seen so far say is fastest; "fixed": always `node_budget`.
@@ -90,8 +92,11 @@ class DecodeSettings:
     def deferred_streams(self) -> bool:
         return self.stream_pass == "deferred"
 
-    def likely_streams(self) -> bool:
-        return self.stream_pass in ("likely", "auto")
+    def likely_streams(self, device: torch.device) -> bool:
+        """Whether streams are computed only where the path is likely to end: "likely", or "auto" on a
+        CPU. On a GPU the stream rows of a joint pass cost next to nothing and a second pass costs a
+        whole round of kernel launches, so "auto" is joint there."""
+        return self.stream_pass == "likely" or (self.stream_pass == "auto" and device.type == "cpu")
 
     def depth(self, model: SpeculativeModel) -> int:
         return min(model.gamma if self.gamma is None else self.gamma, len(self.top_k))
@@ -260,7 +265,7 @@ def specstream_decode(
         step += 1
         started = time.perf_counter()
         # The streams this pass computes draft the next tree: as many as the current plan wants.
-        sources = _likely_sources(tree, planner, kind) if settings.likely_streams() else None
+        sources = _likely_sources(tree, planner, kind) if settings.likely_streams(device) else None
         pass_result = _tree_pass(model, cache, tree, settings, _planned_depth(plan, depth), sources)
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
@@ -303,7 +308,7 @@ _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def planning_costs(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> dict[int, PassCosts]:
     """This device's pass costs for every stream depth the auto tree may choose, up to `depth`."""
-    return {d: device_costs(model, settings.deferred_streams(), d, settings.likely_streams()) for d in range(1, depth + 1)}
+    return {d: device_costs(model, settings.deferred_streams(), d, settings.likely_streams(model.weights.device)) for d in range(1, depth + 1)}
 
 
 def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> TreePlanner:

@@ -197,3 +197,11 @@ def test_phrase_table_branch_is_verified_losslessly(tiny_base):
     assert sum(len(r.emitted_tokens) for r in spec[1:]) / (len(spec) - 1) > 2  # copied runs are long
     off = list(specstream_decode(model, [5, 6, 7], replace(settings, phrases=False)))
     assert tokens_of(off) == tokens_of(plain) and not any(n.source == "phrase" for r in off for n in r.nodes)
+
+
+def test_auto_stream_pass_is_likely_on_a_cpu_and_joint_on_a_gpu():
+    """A GPU computes a joint pass's stream rows for next to nothing, and a second pass costs launches."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert DecodeSettings().likely_streams(cpu) and not DecodeSettings().likely_streams(gpu)
+    assert DecodeSettings(stream_pass="likely").likely_streams(gpu)
+    assert not DecodeSettings(stream_pass="joint").likely_streams(cpu)

@@ -58,3 +58,15 @@ def test_race_replay_and_tree_in_a_browser(page):
     page.get_by_text("Step 2 of").wait_for()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_an_empty_prompt_gives_one_message_and_leaves_the_last_run_alone(page):
+    """Bad input is checked in an event of its own: a toast, not an error badge on every output."""
+    page.get_by_text("Run finished").wait_for()  # after the race above
+    reply = page.locator(".ss-reply").nth(1).inner_text()
+    page.get_by_label("Prompt", exact=True).fill("   ")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Please type a prompt first").wait_for()
+    page.wait_for_timeout(500)
+    assert page.get_by_text("Error", exact=True).count() <= 1  # the toast's title, no badges
+    assert page.locator(".ss-reply").nth(1).inner_text() == reply

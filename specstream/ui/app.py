@@ -13,7 +13,8 @@ import gradio as gr
 
 from . import figures, views
 from ..decoding import MAX_LOOKUP_TOKENS, DecodeSettings
-from .handlers import DEFAULT_TOP_K_TEXT, MAX_NEW_TOKENS, Session, acquire_device, compare, make_settings, prompt_ids
+from .handlers import (DEFAULT_TOP_K_TEXT, MAX_NEW_TOKENS, Session, acquire_device, check_request, compare, make_settings,
+                       prompt_ids)
 from .highlight import plain_html, specstream_html
 from .race import MEASUREMENT_NOTE, Trace, race
 from .service import ModelChoice, ModelService
@@ -238,8 +239,9 @@ def _wire_run(ui: SimpleNamespace, service: ModelService, on_gpu) -> None:
 
     # "minimal": the full progress overlay would dim the replies while they are being written.
     for trigger in (ui.run.click, ui.prompt.submit):
-        trigger(run, inputs=[ui.prompt, *settings_inputs], outputs=outputs, concurrency_limit=1,
-                concurrency_id="decode", api_name=False, show_progress="minimal")
+        checked = trigger(check_request, inputs=[ui.prompt, *settings_inputs], outputs=None, queue=False, api_name=False)
+        checked.success(run, inputs=[ui.prompt, *settings_inputs], outputs=outputs, concurrency_limit=1,
+                        concurrency_id="decode", api_name=False, show_progress="minimal")
     ui.stop.click(stop, inputs=[ui.session], queue=False, api_name=False)
 
 

@@ -64,13 +64,27 @@ def ready_model(service: ModelService, timeout: float = LOCK_TIMEOUT):
     return service.model, service.base
 
 
-def prompt_ids(service: ModelService, prompt: str, settings: DecodeSettings) -> list[int]:
-    """The chat-formatted prompt, checked against the context, or a gr.Error."""
+def check_prompt(prompt: str) -> str:
+    """The prompt, stripped, or a gr.Error if it is empty or too long (no model needed)."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise gr.Error("Please type a prompt first (or pick one of the examples).")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise gr.Error(f"The prompt is {len(prompt)} characters long; this demo takes at most {MAX_PROMPT_CHARS}.")
+    return prompt
+
+
+def check_request(prompt: str, *settings_values) -> None:
+    """What can be checked before a run touches the page: the prompt's text and the settings. Run as
+    its own event with no outputs, so a visitor's mistake shows one message, not an error badge on
+    every output of the last run."""
+    check_prompt(prompt)
+    make_settings(*settings_values)
+
+
+def prompt_ids(service: ModelService, prompt: str, settings: DecodeSettings) -> list[int]:
+    """The chat-formatted prompt, checked against the context, or a gr.Error."""
+    prompt = check_prompt(prompt)
     model, base = ready_model(service)
     try:
         settings.validate(model)

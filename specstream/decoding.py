@@ -53,13 +53,13 @@ class DecodeSettings:
     phrases: bool = True
     # "joint": every tree node carries its streams through the top layers (the paper's single
     # pass). "deferred": only the deepest accepted node's streams, in a short second pass over the
-    # top layers (same drafts, fewer rows, one more pass). "likely" (what "auto" does on a CPU; on a
-    # GPU "auto" is joint): streams only
-    # at the nodes where the accepted path is likely to end (the root, and any node with a chance of
-    # at least LIKELY_END), the second pass only when it ends elsewhere. Same drafts in every mode. On 16 Spec-Bench prompts on a
-    # 2-core Xeon (interleaved, four runs) "likely" was 0-3 % faster than "joint", with 2-3 stream
-    # sources a pass instead of 4-9 and a second pass in 8-24 % of passes; on 8 prompts 4 % slower:
-    # within this shared machine's noise, with fewer rows computed.
+    # top layers (same drafts, fewer rows, one more pass). "likely": streams only at the nodes where
+    # the accepted path is likely to end (the root, and any node with a chance of at least
+    # LIKELY_END), the second pass only when it ends elsewhere. Same drafts in every mode. "auto" is
+    # likely on a CPU and joint on a GPU (see likely_streams). On 16 Spec-Bench prompts on a 2-core
+    # Xeon (interleaved, four runs) likely was 0-3 % faster than joint, with 2-3 stream sources a
+    # pass instead of 4-9 and a second pass in 8-24 % of passes; on 8 prompts 4 % slower: within
+    # this shared machine's noise, with fewer rows computed.
     stream_pass: str = "auto"
     # "auto": each pass drafts the node budget (at most `node_budget`, shaped by `top_k`) that the
     # measured pass costs and the acceptance seen so far say is fastest; "fixed": always `node_budget`.
@@ -308,7 +308,8 @@ _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def planning_costs(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> dict[int, PassCosts]:
     """This device's pass costs for every stream depth the auto tree may choose, up to `depth`."""
-    return {d: device_costs(model, settings.deferred_streams(), d, settings.likely_streams(model.weights.device)) for d in range(1, depth + 1)}
+    deferred, likely = settings.deferred_streams(), settings.likely_streams(model.weights.device)
+    return {d: device_costs(model, deferred, d, likely) for d in range(1, depth + 1)}
 
 
 def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> TreePlanner:

@@ -117,6 +117,10 @@ def test_attention_mask_shows_only_the_streams_a_pass_computed(tiny_base):
     assert len(z) == len(record.nodes) + len(record.stream_nodes) * record.stream_depth
     labels = figures.mask_labels(record, record.stream_depth)
     assert sum(label.startswith("S1·") for label in labels) == len(record.stream_nodes)
+    where = "the root only" if len(record.stream_nodes) == 1 else f"{len(record.stream_nodes)} of its nodes"
+    assert f"streams at {where}" in views.step_markdown(record, 10)
+    second = next(r for r in last.steps() if r.second_pass)
+    assert "a short second pass computed the deepest accepted node's streams" in views.step_markdown(second, 10)
 
 
 def test_highlight_bands_come_from_token_ids(trace):

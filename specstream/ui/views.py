@@ -75,7 +75,17 @@ def step_markdown(record: StepRecord | None, step_count: int) -> str:
     return (f"**Step {record.step} of {step_count - 1}** · {len(record.nodes) - 1} drafted nodes: "
             f"{counts[Fate.ACCEPTED]} accepted, {counts[Fate.REJECTED]} rejected, {counts[Fate.PRUNED]} pruned, "
             f"{counts[Fate.UNVERIFIED]} never verified · made {emitted} (the last is the bonus token) · "
-            f"{record.seconds * 1000:.0f} ms" + _forecast(record))
+            f"{record.seconds * 1000:.0f} ms" + _streams(record) + _forecast(record))
+
+
+def _streams(record: StepRecord) -> str:
+    """Where this pass computed the streams that draft the next tree (nothing where it was every node)."""
+    count = len(record.stream_nodes)
+    where = "the root only" if count == 1 else f"{count} of its nodes"
+    if record.second_pass:
+        first = f"streams at {where}; " if count else ""
+        return f" · {first}a short second pass computed the deepest accepted node's streams"
+    return f" · streams at {where}" if 0 < count < len(record.nodes) else ""
 
 
 def _forecast(record: StepRecord) -> str:

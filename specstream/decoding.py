@@ -265,7 +265,7 @@ def specstream_decode(
         step += 1
         started = time.perf_counter()
         # The streams this pass computes draft the next tree: as many as the current plan wants.
-        sources = _likely_sources(tree, planner, kind) if settings.likely_streams(device) else None
+        sources = _stream_sources(tree, settings, device, planner, kind)
         pass_result = _tree_pass(model, cache, tree, settings, _planned_depth(plan, depth), sources)
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
@@ -283,11 +283,17 @@ def specstream_decode(
         yield record
 
 
-def _likely_sources(tree: DraftTree, planner: TreePlanner | None, kind: CopyKind | None) -> list[int]:
-    """The nodes worth computing streams at: where the accepted path likely ends. A drafted token's
-    chance is its stream's own probability (it knows this context; the auto tree's rates per depth
-    and rank only know the average: with them, 16 prompts ran 2 % slower), a copied token's its
-    kind's acceptance rate so far."""
+def _stream_sources(tree: DraftTree, settings: DecodeSettings, device: torch.device, planner: TreePlanner | None,
+                    kind: CopyKind | None) -> str | list[int] | None:
+    """Where the tree pass computes streams, as `SpeculativeModel.forward` takes it: nowhere
+    (deferred), at every node (joint), or at the nodes where the accepted path likely ends. There a
+    drafted token's chance is its stream's own probability (it knows this context; the auto tree's
+    rates per depth and rank only know the average: with them, 16 prompts ran 2 % slower), a copied
+    token's its kind's acceptance rate so far."""
+    if settings.deferred_streams():
+        return None
+    if not settings.likely_streams(device):
+        return "all"
     chances = [1.0]
     for node in tree.nodes[1:]:
         if node.source == "stream":
@@ -336,16 +342,14 @@ class _TreePass:
 
 
 def _tree_pass(
-    model: SpeculativeModel, cache, tree: DraftTree, settings: DecodeSettings, depth: int, sources: list[int] | None = None,
+    model: SpeculativeModel, cache, tree: DraftTree, settings: DecodeSettings, depth: int, sources: str | list[int] | None,
 ) -> _TreePass:
     """Run the tree in one forward pass, verify it, and keep the accepted path in the cache.
-    `sources`: the nodes whose streams this pass computes (None: as the settings say)."""
+    `sources`: where the pass computes streams (see `_stream_sources`); where the path ends without
+    them, a short second pass computes that node's."""
     device = model.weights.device
     parents, tokens = tree.parents, tree.tokens
     scores: list[float] | None = None
-    deferred = settings.deferred_streams()
-    if sources is None:
-        sources = None if deferred else "all"
 
     def select_rows(early_hidden: torch.Tensor) -> list[int]:
         nonlocal scores

@@ -175,9 +175,7 @@ def pass_time_figure(trace: Trace) -> go.Figure:
 
 
 def _stream_sources(record: StepRecord, kept: list[NodeRecord]) -> list[NodeRecord]:
-    """The kept nodes whose streams the pass computed (every kept node in records that do not say)."""
-    if not record.stream_nodes and not record.second_pass:
-        return kept
+    """The kept nodes whose streams the pass computed."""
     carried = set(record.stream_nodes)
     return [n for n in kept if n.index in carried]
 

@@ -32,7 +32,7 @@ LIKELY_SOURCES = 3
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _afresh: weakref.WeakSet = weakref.WeakSet()  # models whose tables on disk this process must not trust
-COST_MODEL = "v8: tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
+COST_MODEL = "v9: greedy token from a bfloat16 screen of the head; bfloat16 draft head; tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
 
 
 def _sync(device: torch.device) -> None:
@@ -106,7 +106,7 @@ def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int
         out = model.forward(cache, tokens, positions, mask, stream_sources=streams, gamma=depth or None)
         # As the decoder verifies: row by row, one per accepted token (random drafts: the root
         # alone; `per_token` prices the rest), or every row at once.
-        model.logits(out.main_hidden[:1] if model.verifies_row_by_row else out.main_hidden).argmax(-1).tolist()
+        model.greedy(out.main_hidden[:1] if model.verifies_row_by_row else out.main_hidden)
         stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
         if deferred and model.adapter is not None:
             stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], depth)
@@ -154,7 +154,7 @@ def head_row_seconds(model: SpeculativeModel, repeats: int = 9) -> float:
     timings = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        model.logits(row).argmax().item()
+        model.greedy(row[None])
         timings.append(time.perf_counter() - started)
     return statistics.median(timings[1:])
 

@@ -153,7 +153,7 @@ def _prefill(model: SpeculativeModel, cache, prompt_ids: list[int], streams: boo
     causal = torch.ones(len(prompt_ids), len(prompt_ids), dtype=torch.bool, device=device).tril()
     out = model.forward(cache, tokens, positions, causal, stream_sources="last" if streams else None, gamma=gamma)
     cache.advance(len(prompt_ids))
-    first = int(model.logits(out.main_hidden[-1]).argmax())
+    first = model.greedy(out.main_hidden[-1:])[0]
     return first, out
 
 
@@ -205,7 +205,7 @@ def plain_decode(
         position = torch.tensor([cache.length], device=device)
         out = model.forward(cache, torch.tensor([token], device=device), position, one)
         cache.advance(1)
-        token = int(model.logits(out.main_hidden[0]).argmax())
+        token = model.greedy(out.main_hidden[:1])[0]
 
 
 def _next_draft(
@@ -390,11 +390,11 @@ class _LazyChoices:
         self.row_of = {node: row for row, node in enumerate(out.kept)}
         self.choices: dict[int, int] = {}
         if not model.verifies_row_by_row:
-            self.choices = dict(zip(out.kept, model.logits(self.hidden).argmax(-1).tolist()))
+            self.choices = dict(zip(out.kept, model.greedy(self.hidden)))
 
     def __getitem__(self, node: int) -> int:
         if node not in self.choices:
-            self.choices[node] = int(self.model.logits(self.hidden[self.row_of[node]]).argmax())
+            self.choices[node] = self.model.greedy(self.hidden[self.row_of[node]][None])[0]
         return self.choices[node]
 
     def known(self, size: int) -> list[int | None]:

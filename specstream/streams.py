@@ -108,7 +108,9 @@ class SpeculativeModel:
         self.first_stream_layer = self.shape.num_layers - stream_layers
         self.draft_ids = adapter.draft_ids if adapter else None
         self._draft_rows = None if self.draft_ids is None else weights.lm_head[self.draft_ids].contiguous()  # (V', d)
-        self._packed_draft_rows = None if self._draft_rows is None else pack(self._draft_rows)
+        # bfloat16 rows: the draft logits only rank drafts, and reading half the bytes saves a third of a
+        # millisecond a pass (2-core Xeon); outputs never depend on them.
+        self._packed_draft_rows = None if self._draft_rows is None else pack(self._draft_rows, bfloat16=True)
 
     def new_cache(self, capacity: int) -> KVCache:
         s = self.shape
@@ -116,6 +118,10 @@ class SpeculativeModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.weights.logits(hidden)
+
+    def greedy(self, hidden: torch.Tensor) -> list[int]:
+        """hidden (R, d) -> the main stream's greedy token at each row."""
+        return self.weights.greedy(hidden)
 
     def _draft_logits(self, stream_hidden: torch.Tensor) -> torch.Tensor:
         if self._draft_rows is None:

@@ -171,3 +171,50 @@ def test_concurrent_callers_each_get_their_own_product(kernel):
     for thread in threads:
         thread.join()
     assert not failures
+
+
+@pytest.mark.parametrize("rows", [1, 6, 17])
+def test_bfloat16_weights_give_the_products_of_the_rounded_weights(kernel, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(37, 64, generator=generator)
+    x = torch.randn(rows, 64, generator=generator)
+    packed = kernel.pack(weight, bfloat16=True)
+    rounded = weight.to(torch.bfloat16).float()
+    torch.testing.assert_close(packed(x), x @ rounded.T, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(packed(x), kernel.pack(weight)(x))  # it is not the float32 product
+
+
+def test_screened_argmax_is_the_float32_argmax_even_on_near_ties(kernel):
+    """Greedy decoding's token must be the float32 head's argmax, bit for bit: rows below bfloat16's
+    resolution apart, exact ties (the lowest index wins, as with torch.argmax) and ordinary rows."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randn(3000, 576, generator=generator) * 0.05
+    nudge = torch.zeros(576)
+    nudge[::7] = 1e-5  # far below bfloat16's resolution: the screen cannot tell these rows apart
+    head[2001] = head[1000] + nudge
+    head[2002] = head[1000] - nudge
+    head[2500] = head[1500]  # an exact tie
+    hidden = torch.cat([head[[1000, 1500, 7, 2999]] * 40, torch.randn(60, 576, generator=generator) * 3])
+    hidden[:2] += torch.randn(2, 576, generator=generator) * 0.5
+    screened = kernel.exact_argmax(head)
+    best, candidates = screened(hidden)
+    assert best == kernel.pack(head)(hidden).argmax(-1).tolist()
+    assert best[0] in (1000, 2001, 2002) and candidates[0] >= 3  # the near-ties were all recomputed
+    assert best[1] == 1500  # the lower index of an exact tie
+    assert max(candidates[4:]) < 20  # ordinary rows recompute a handful of columns, not the head
+
+
+def test_screened_argmax_picks_what_the_screen_alone_would_miss(kernel):
+    generator = torch.Generator().manual_seed(1)
+    # Weights exactly representable in bfloat16, so a twin a hair away rounds to the same bfloat16 row.
+    head = (torch.randn(200, 576, generator=generator) * 0.05).to(torch.bfloat16).float()
+    hidden = torch.randn(64, 576, generator=generator) * 20
+    # Each row's best column gets a twin at a higher index, a hair better: only the float32 recompute sees it.
+    exact = kernel.pack(head)(hidden).argmax(-1)
+    widened = torch.cat([head, head[exact] * (1 + 1e-5 * torch.sign(hidden * head[exact]))])
+    best, _ = kernel.exact_argmax(widened)(hidden)
+    expected = kernel.pack(widened)(hidden).argmax(-1).tolist()
+    assert best == expected
+    assert all(b >= 200 for b in best)  # the twins, which the screen ranks level with their originals
+    screen_alone = kernel.pack(widened, bfloat16=True)(hidden).argmax(-1).tolist()
+    assert screen_alone == exact.tolist()

@@ -14,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #define TILE 16
@@ -148,42 +149,121 @@ void small_gemm_bf16(const float *x, int M, int K, const unsigned short *packed,
     gemm(x, M, K, packed, N, y, threads, __builtin_cpu_supports("avx512f"), 1);
 }
 
+/* The screen of head_argmax on CPUs with AMX (Intel Xeons since Sapphire Rapids; the 2-core Xeons
+ * here have it): the rows rounded to bfloat16 too, and one tile instruction multiplies up to 16 rows
+ * by 32 k of a 16-column tile. The widening screen above is compute-bound beyond a few rows (8 rows
+ * 4.5 ms against 2.0 for one, 2-core Xeon; AVX512-BF16's dot instruction was no faster), and a tree
+ * pass verifies every node's row. `rows` (M, K) bfloat16, K a multiple of 32; the weights packed as
+ * (ceil(N / 16), K / 2, 16, 2): for each 16-column tile, k in pairs, the layout tiles multiply. */
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Linux hands out the tile registers' state only on request, once per process. */
+int amx_ready(void) {
+    if (!__builtin_cpu_supports("amx-bf16")) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+static __attribute__((target("amx-tile,amx-bf16"))) void amx_block(
+    const unsigned short *rows, int M, int K, const unsigned short *packed, int first_tile, int last_tile, int N,
+    float *y) {
+    tile_config config = {0};
+    config.palette = 1;
+    config.rows[0] = M, config.bytes_per_row[0] = 64;   /* products: M rows x 16 float32 */
+    config.rows[1] = M, config.bytes_per_row[1] = 64;   /* rows: M x 32 bfloat16 */
+    config.rows[2] = 16, config.bytes_per_row[2] = 64;  /* weights: 16 pairs of k x 16 columns */
+    _tile_loadconfig(&config);
+    float out[16 * TILE];
+    for (int t = first_tile; t < last_tile; t++) {
+        const unsigned short *tile = packed + (long)t * K * TILE;
+        _tile_zero(0);
+        for (int k = 0; k < K; k += 32) {
+            _tile_loadd(1, rows + k, K * 2);
+            _tile_loadd(2, tile + (long)k * TILE, 64);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, out, 64);
+        int columns = N - TILE * t < TILE ? N - TILE * t : TILE;
+        for (int m = 0; m < M; m++) memcpy(y + (long)m * N + TILE * t, out + TILE * m, columns * sizeof(float));
+    }
+    _tile_release();
+}
+
+void amx_gemm(const unsigned short *rows, int M, int K, const unsigned short *packed, int N, float *y, int threads) {
+    int tiles = (N + TILE - 1) / TILE;
+#pragma omp parallel num_threads(threads)
+    {
+        int count = omp_get_num_threads(), me = omp_get_thread_num();
+        int first = (int)((long)tiles * me / count), last = (int)((long)tiles * (me + 1) / count);
+        for (int row = 0; row < M; row += 16)
+            amx_block(rows + (long)row * K, M - row < 16 ? M - row : 16, K, packed, first, last, N, y + (long)row * N);
+    }
+}
+
 /* Greedy decoding's argmax over the LM head, exactly as over the float32 logits of small_gemm, reading
  * half the memory. A one-row pass spends ~5 ms of ~35 reading SmolLM2's 49152 x 576 float32 head.
  *
- * approx (M, N) are the logits against the bfloat16 head. For row x and column i, approx differs from
- * the float32 kernel's logit by at most |x| * slack[i], where slack[i] = |w_i - bf16(w_i)| plus twice
- * the worst float32 rounding of a K-term dot product (|x| |w_i| K 2^-24 / (1 - K 2^-24), each way),
- * with margin (Cauchy-Schwarz; see cpu_kernels.py). So the true best column is among those whose
+ * approx (M, N) are the screened logits (the head in bfloat16; the rows too, with AMX). For row m and
+ * column i they differ from the float32 kernel's logit by at most scales[2m] * slack[i] +
+ * scales[2m + 1] * norms[i]: the row's norm times the head row's rounding error and float32 rounding
+ * terms, plus the row's own rounding error times the rounded head row's norm (Cauchy-Schwarz; see
+ * ExactArgmax in cpu_kernels.py). So the true best column is among those whose
  * approx + bound reaches the highest approx - bound; those few are recomputed with the float32 kernel's
  * own sequence of fused multiply-adds (fmaf over k from zero: the bits of its vector lanes), and the
  * best wins, the lowest index on a tie, as torch.argmax. `weights` (N, K) float32, row-major.
  * Writes the winning column and the number of candidates recomputed, per row. */
-void head_argmax(const float *x, int M, int K, const float *approx, int N, const float *slack,
-                 const float *weights, long *best, int *candidates, int threads) {
+void head_argmax(const float *x, int M, int K, const float *approx, int N, const float *scales, const float *slack,
+                 const float *norms, const float *weights, long *best, int *candidates, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int m = 0; m < M; m++) {
         const float *xm = x + (long)m * K, *am = approx + (long)m * N;
-        double norm = 0;
-        for (int k = 0; k < K; k++) norm += (double)xm[k] * xm[k];
-        float scale = (float)(sqrt(norm) * 1.0001);
-        float floor_value = -INFINITY;
-        for (int i = 0; i < N; i++) {
-            float low = am[i] - scale * slack[i];
+        float scale = scales[2 * m], rounding = scales[2 * m + 1];
+        /* Two sweeps of the row, eight columns at a time: a tree pass screens 8-16 rows. */
+        __m256 vscale = _mm256_set1_ps(scale), vrounding = _mm256_set1_ps(rounding);
+        __m256 lows = _mm256_set1_ps(-INFINITY);
+        int i = 0;
+        for (; i + 8 <= N; i += 8) {
+            __m256 bound = _mm256_fmadd_ps(vrounding, _mm256_loadu_ps(norms + i), _mm256_mul_ps(vscale, _mm256_loadu_ps(slack + i)));
+            lows = _mm256_max_ps(lows, _mm256_sub_ps(_mm256_loadu_ps(am + i), bound));
+        }
+        float low_values[8], floor_value = -INFINITY;
+        _mm256_storeu_ps(low_values, lows);
+        for (int j = 0; j < 8; j++) floor_value = low_values[j] > floor_value ? low_values[j] : floor_value;
+        for (; i < N; i++) {
+            float low = am[i] - fmaf(rounding, norms[i], scale * slack[i]);
             if (low > floor_value) floor_value = low;
         }
+        __m256 vfloor = _mm256_set1_ps(floor_value);
         float top = -INFINITY;
         long winner = -1;
         int count = 0;
-        for (int i = 0; i < N; i++) {
-            if (!(am[i] + scale * slack[i] >= floor_value)) continue;
-            const float *w = weights + (long)i * K;
-            float exact = 0.0f;
-            for (int k = 0; k < K; k++) exact = fmaf(xm[k], w[k], exact);
-            count++;
-            if (winner < 0 || exact > top) {
-                top = exact;
-                winner = i;
+        for (int start = 0; start < N; start += 8) {
+            unsigned reaches;
+            if (start + 8 <= N) {
+                __m256 bound = _mm256_fmadd_ps(vrounding, _mm256_loadu_ps(norms + start), _mm256_mul_ps(vscale, _mm256_loadu_ps(slack + start)));
+                reaches = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(am + start), bound), vfloor, _CMP_GE_OQ));
+            } else {
+                reaches = 0;
+                for (int j = start; j < N; j++)
+                    if (am[j] + fmaf(rounding, norms[j], scale * slack[j]) >= floor_value) reaches |= 1u << (j - start);
+            }
+            for (; reaches; reaches &= reaches - 1) {  /* ascending columns: a tie keeps the lowest */
+                int column = start + __builtin_ctz(reaches);
+                const float *w = weights + (long)column * K;
+                float exact = 0.0f;
+                for (int k = 0; k < K; k++) exact = fmaf(xm[k], w[k], exact);
+                count++;
+                if (winner < 0 || exact > top) {
+                    top = exact;
+                    winner = column;
+                }
             }
         }
         best[m] = winner;

@@ -184,7 +184,16 @@ def test_bfloat16_weights_give_the_products_of_the_rounded_weights(kernel, rows)
     assert not torch.equal(packed(x), kernel.pack(weight)(x))  # it is not the float32 product
 
 
-def test_screened_argmax_is_the_float32_argmax_even_on_near_ties(kernel):
+@pytest.fixture(params=["widening", "tiles"])
+def screened(kernel, request):
+    """ExactArgmax on either screen: bfloat16 weights widened to float32 (any AVX2 CPU), or AMX tiles."""
+    tiles = request.param == "tiles"
+    if tiles and not kernel.load_library().amx:
+        pytest.skip("this CPU has no AMX")
+    return lambda head: kernel.ExactArgmax(head, kernel.load_library(), tiles=tiles)
+
+
+def test_screened_argmax_is_the_float32_argmax_even_on_near_ties(kernel, screened):
     """Greedy decoding's token must be the float32 head's argmax, bit for bit: rows below bfloat16's
     resolution apart, exact ties (the lowest index wins, as with torch.argmax) and ordinary rows."""
     generator = torch.Generator().manual_seed(0)
@@ -196,15 +205,14 @@ def test_screened_argmax_is_the_float32_argmax_even_on_near_ties(kernel):
     head[2500] = head[1500]  # an exact tie
     hidden = torch.cat([head[[1000, 1500, 7, 2999]] * 40, torch.randn(60, 576, generator=generator) * 3])
     hidden[:2] += torch.randn(2, 576, generator=generator) * 0.5
-    screened = kernel.exact_argmax(head)
-    best, candidates = screened(hidden)
+    best, candidates = screened(head)(hidden)
     assert best == kernel.pack(head)(hidden).argmax(-1).tolist()
     assert best[0] in (1000, 2001, 2002) and candidates[0] >= 3  # the near-ties were all recomputed
     assert best[1] == 1500  # the lower index of an exact tie
     assert max(candidates[4:]) < 20  # ordinary rows recompute a handful of columns, not the head
 
 
-def test_screened_argmax_picks_what_the_screen_alone_would_miss(kernel):
+def test_screened_argmax_picks_what_the_screen_alone_would_miss(kernel, screened):
     generator = torch.Generator().manual_seed(1)
     # Weights exactly representable in bfloat16, so a twin a hair away rounds to the same bfloat16 row.
     head = (torch.randn(200, 576, generator=generator) * 0.05).to(torch.bfloat16).float()
@@ -212,7 +220,7 @@ def test_screened_argmax_picks_what_the_screen_alone_would_miss(kernel):
     # Each row's best column gets a twin at a higher index, a hair better: only the float32 recompute sees it.
     exact = kernel.pack(head)(hidden).argmax(-1)
     widened = torch.cat([head, head[exact] * (1 + 1e-5 * torch.sign(hidden * head[exact]))])
-    best, _ = kernel.exact_argmax(widened)(hidden)
+    best, _ = screened(widened)(hidden)
     expected = kernel.pack(widened)(hidden).argmax(-1).tolist()
     assert best == expected
     assert all(b >= 200 for b in best)  # the twins, which the screen ranks level with their originals

@@ -33,8 +33,10 @@ model itself to also predict the next few tokens: in its top layers every positi
 guessing one token further ahead, and their guesses form a tree of candidate continuations. One forward pass then
 runs the whole tree at once, checks each drafted token against the model's own next-token choice (keeping the
 longest matching path plus one *bonus* token) and, in the same pass, drafts the next tree from the streams.
-The mask below is the one that pass really used: each tree node sees its ancestors (blue), each stream its node's
-view plus the earlier streams of the same node (green), and nothing ever looks at a stream."""
+(On a CPU, where every row costs, a pass computes streams only at the nodes where the accepted path is likely
+to end; when it ends elsewhere, a short second pass through the top layers computes that node's: the step text
+says so.) The mask below is the one that pass really used: each tree node sees its ancestors (blue), each stream
+its node's view plus the earlier streams of the same node (green), and nothing ever looks at a stream."""
 CSS = """
 .ss-reply { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.75; min-height: 7em; max-height: 26em; overflow-y: auto;
             padding: 10px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px; font-size: 15px; }

@@ -8,6 +8,9 @@ AVX-512 (the 2-core Intel Xeons here) a wider variant takes 16 rows per read of 
 1 / 8 / 12 / 16 rows 25.6 / 31.3 / 34.9 / 43.2 ms with the AVX2 path, 23.0 / 24.8 / 27.1 / 30.0 with it. Once the
 matmuls were fast, the small torch ops between them (about sixty a layer, a few microseconds of
 dispatch each) were a third of a pass; `rms_norm` and `rotary` do their rows in one call each.
+Then the LM head was the biggest single read of a one-row pass: `ExactArgmax` finds the greedy token
+from a bfloat16 copy (in AMX tiles where the CPU has them) and recomputes only the few columns a proven
+bound cannot rule out.
 
 They are built with the system's C compiler at first use and cached on disk. Where that is impossible
 (no compiler, no AVX2, another architecture, `SPECSTREAM_CPU_KERNELS=0`) `pack` returns None,

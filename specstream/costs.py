@@ -32,7 +32,7 @@ LIKELY_SOURCES = 3
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _afresh: weakref.WeakSet = weakref.WeakSet()  # models whose tables on disk this process must not trust
-COST_MODEL = "v10: paired tiles in the AVX-512 matmul; greedy token from a bfloat16 screen of the head (AMX tiles where present); bfloat16 draft head; tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
+COST_MODEL = "v11: every depth's tree table timed in the same rounds; paired tiles in the AVX-512 matmul; greedy token from a bfloat16 screen of the head (AMX tiles where present); bfloat16 draft head; tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
 
 
 def _sync(device: torch.device) -> None:
@@ -62,29 +62,49 @@ def pass_seconds(
     node (default: all of the adapter's); `sources` > 0 computes streams at that many nodes only
     (stream_pass "likely"), 0 at every node. `reference` also times a plain step in the same rounds,
     as size 0."""
+    depth = model.gamma if depth is None else depth
+    tables = tree_seconds(model, sizes, [depth], prompt_length, repeats, deferred, sources, reference)
+    return {size: seconds for table in tables.values() for size, seconds in table.items()}
+
+
+@torch.inference_mode()
+def tree_seconds(
+    model: SpeculativeModel,
+    sizes: list[int],
+    depths: list[int],
+    prompt_length: int = 200,
+    repeats: int = 7,
+    deferred: bool = False,
+    sources: int = 0,
+    reference: bool = False,
+) -> dict[int, dict[int, float]]:
+    """`pass_seconds` for several stream depths at once, all timed in the same rounds: {depth: {size:
+    seconds}}, and with `reference` a plain step as {0: {0: seconds}}."""
     device = model.weights.device
-    vocab = model.shape.vocab_size
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (prompt_length,), generator=generator).to(device)
+    prompt = torch.randint(0, model.shape.vocab_size, (prompt_length,), generator=generator).to(device)
     cache = model.new_cache(prompt_length + max(sizes) * (1 + model.gamma) + 1)
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     model.forward(cache, prompt, torch.arange(prompt_length, device=device), causal)
     cache.advance(prompt_length)
-    depth = model.gamma if depth is None else depth
-    passes = {size: _measured_pass(model, cache, size, prompt_length, generator, deferred, depth, sources) for size in sizes}
+    passes = {(depth, size): _measured_pass(model, cache, size, prompt_length, generator, deferred, depth, sources)
+              for depth in depths for size in sizes}
     if reference:
-        passes[0] = _measured_pass(SpeculativeModel(model.weights, None), cache, 1, prompt_length, generator, False, 0)
-    timings: dict[int, list[float]] = {size: [] for size in passes}
+        passes[0, 0] = _measured_pass(SpeculativeModel(model.weights, None), cache, 1, prompt_length, generator, False, 0)
+    timings: dict[tuple[int, int], list[float]] = {key: [] for key in passes}
     # Round-robin over the sizes, so that a burst of load from a neighbour on a shared machine
     # spreads over all sizes instead of inflating one of them.
     for _ in range(repeats + 1):  # the first round is a warm-up
-        for size, run in passes.items():
+        for key, run in passes.items():
             _sync(device)
             started = time.perf_counter()
             run()
             _sync(device)
-            timings[size].append(time.perf_counter() - started)
-    return {size: statistics.median(times[1:]) for size, times in timings.items()}
+            timings[key].append(time.perf_counter() - started)
+    tables: dict[int, dict[int, float]] = {}
+    for (depth, size), times in timings.items():
+        tables.setdefault(depth, {})[size] = statistics.median(times[1:])
+    return tables
 
 
 def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int, generator, deferred: bool, depth: int,
@@ -173,23 +193,29 @@ def device_costs(model: SpeculativeModel, deferred: bool, depth: int | None = No
                  "per_token": head_row_seconds(model)},
         lambda raw: (float(raw["plain"]), float(raw["per_token"])),
     )
-    tree = _kept(
+    mode = "deferred" if deferred else "likely" if likely else "joint"
+    tables = _kept(
         model,
-        _device_key(model, f"{'deferred' if deferred else 'likely' if likely else 'joint'} tree, depth {depth}"),
-        lambda: _tree_table(model, plain, deferred, depth, LIKELY_SOURCES if likely and not deferred else 0),
-        lambda raw: nondecreasing({int(size): float(seconds) for size, seconds in raw.items()}),
+        _device_key(model, f"{mode} trees, depths 1 to {model.gamma}"),
+        lambda: _tree_tables(model, plain, deferred, LIKELY_SOURCES if likely and not deferred else 0),
+        lambda raw: {int(d): nondecreasing({int(size): float(seconds) for size, seconds in table.items()})
+                     for d, table in raw.items()},
     )
+    tree = tables[depth]
     return PassCosts(plain, tree, per_token)
 
 
-def _tree_table(model: SpeculativeModel, plain: float, deferred: bool, depth: int, sources: int) -> dict[int, float]:
-    """A tree-cost table scaled to the shared plain step: each table times a plain step in its own
-    rounds, and its sizes keep their ratio to that. A busy minute on a shared machine slows a whole
-    table; unscaled, one depth's table read 15 % dearer than another's for the same one-node pass,
-    and the auto tree chose between depths by that noise."""
-    raw = pass_seconds(model, list(SIZES), repeats=5, deferred=deferred, depth=depth, sources=sources, reference=True)
-    reference = raw.pop(0)
-    return {size: seconds * plain / reference for size, seconds in raw.items()}
+def _tree_tables(model: SpeculativeModel, plain: float, deferred: bool, sources: int) -> dict[int, dict[int, float]]:
+    """Every stream depth's tree-cost table, all timed in the same rounds beside a plain step, and
+    scaled to the shared plain step. A busy minute on a shared machine slows a whole table, and the
+    auto tree picks the depth by comparing tables: timed in separate rounds, a one-node pass read
+    30.5 ms at depth 3 and 33.2 at depth 1 in one 80-prompt run (within a table the sizes' ratios
+    repeat within 2-3 %), and that run drafted deeper trees: tau 2.15 but 1.47x plain, against
+    tau 1.98 and 1.51x in the run before."""
+    raw = tree_seconds(model, list(SIZES), list(range(1, model.gamma + 1)), repeats=5, deferred=deferred,
+                       sources=sources, reference=True)
+    reference = raw.pop(0)[0]
+    return {depth: {size: seconds * plain / reference for size, seconds in table.items()} for depth, table in raw.items()}
 
 
 def nondecreasing(table: dict[int, float]) -> dict[int, float]:

@@ -93,6 +93,7 @@ def test_pass_costs_are_measured_once_and_kept_on_disk(tiny_base, tmp_path, monk
     assert measured.plain > 0 and measured.per_token > 0 and sorted(measured.tree) == [1, 2, 4]
     assert (tmp_path / "pass-costs.json").is_file()
     monkeypatch.setattr(costs, "pass_seconds", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(costs, "tree_seconds", lambda *a, **k: pytest.fail("measured again"))
     fresh = SpeculativeModel(tiny_base.weights, model.adapter)  # a new process would read the file
     assert costs.device_costs(fresh, deferred=True) == measured
 
@@ -104,16 +105,36 @@ def test_a_run_can_measure_afresh_instead_of_trusting_the_disk(tiny_base, tmp_pa
     kept = costs.device_costs(model, deferred=True)
     # Tree tables time a plain step in their own rounds (size 0) and are scaled to the shared one:
     # here the tree table's rounds ran at half speed (its plain step took 1.0 s, the shared one 0.5).
-    def fake(model, sizes, **options):
-        return {size: 0.5 * size for size in sizes} | ({0: 1.0} if options.get("reference") else {})
+    def fake(model, sizes, depths, **options):
+        return {depth: {size: 0.5 * size for size in sizes} for depth in depths} | ({0: {0: 1.0}} if options.get("reference") else {})
 
-    monkeypatch.setattr(costs, "pass_seconds", fake)
+    monkeypatch.setattr(costs, "pass_seconds", lambda model, sizes, **options: {size: 0.5 for size in sizes})
+    monkeypatch.setattr(costs, "tree_seconds", fake)
     later = SpeculativeModel(tiny_base.weights, model.adapter)  # a later process, say a benchmark
     costs.measure_afresh(later)
     fresh = costs.device_costs(later, deferred=True)
     assert fresh.plain == 0.5 and fresh.tree == {1: 0.25, 2: 0.5, 4: 1.0} and fresh.tree != kept.tree
     reader = SpeculativeModel(tiny_base.weights, model.adapter)  # the fresh tables replaced the kept ones
     assert costs.device_costs(reader, deferred=True).tree == fresh.tree
+
+
+def test_every_depth_is_timed_in_the_same_rounds(tiny_base, tmp_path, monkeypatch):
+    """The auto tree picks a depth by comparing tables: timed apart, a busy minute made one depth's
+    one-node pass read cheaper than another's."""
+    monkeypatch.setenv("SPECSTREAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "SIZES", (1, 2))
+    calls = []
+
+    def fake(model, sizes, depths, **options):
+        calls.append(list(depths))
+        return {depth: {size: 0.1 * depth * size for size in sizes} for depth in depths} | {0: {0: 0.1}}
+
+    monkeypatch.setattr(costs, "pass_seconds", lambda model, sizes, **options: {size: 0.1 for size in sizes})
+    monkeypatch.setattr(costs, "tree_seconds", fake)
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 3))
+    tables = [costs.device_costs(model, deferred=False, depth=depth, likely=True).tree for depth in (1, 2, 3)]
+    assert calls == [[1, 2, 3]]  # one measurement for all depths
+    assert tables[0][1] < tables[1][1] < tables[2][1]
 
 
 def test_statistics_follow_a_change_of_content():

@@ -133,8 +133,26 @@ static inline __attribute__((always_inline, target("avx512f"))) void multiply_pa
     }
 }
 
+typedef void (*block_function)(int rows, const float *x, int K, const void *tile, float *out);
+
+/* All M rows against one tile (or pair of tiles), in blocks of nearly equal size (8 rows: 4 + 4, not
+ * 6 + 2), so none is too small to hide the latency of its multiply-adds; each block's products,
+ * `width` floats a row in `out`, go to `columns` columns of y from `first_column`. */
+static inline void multiply_rows(block_function multiply, int row_block, int width, const float *x, int M, int K,
+                                 const void *tile, float *out, float *y, int N, int first_column, int columns) {
+    int blocks = (M + row_block - 1) / row_block;
+    for (int block = 0, first = 0; block < blocks; block++) {
+        int rows = (M - first + blocks - block - 1) / (blocks - block);
+        multiply(rows, x + (long)first * K, K, tile, out);
+        for (int m = 0; m < rows; m++)
+            memcpy(y + (long)(first + m) * N + first_column, out + width * m, columns * sizeof(float));
+        first += rows;
+    }
+}
+
 #define CASE_PAIR(n) case n: multiply_pair_512(n, x, K, tile, out); break;
-static __attribute__((target("avx512f"))) void multiply_pair_block(int rows, const float *x, int K, const float *tile, float *out) {
+static __attribute__((target("avx512f"))) void multiply_pair_block(int rows, const float *x, int K, const void *pair, float *out) {
+    const float *tile = (const float *)pair;
     switch (rows) {
         CASE_PAIR(1) CASE_PAIR(2) CASE_PAIR(3) CASE_PAIR(4) CASE_PAIR(5) CASE_PAIR(6) CASE_PAIR(7) CASE_PAIR(8)
         CASE_PAIR(9) CASE_PAIR(10) CASE_PAIR(11)
@@ -146,32 +164,15 @@ static __attribute__((target("avx512f"))) void gemm_pairs(const float *x, int M,
     int tiles = (N + TILE - 1) / TILE, pairs = tiles / 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < pairs + tiles % 2; t++) {
-        float out[ROW_BLOCK_512 * 2 * TILE];
-        int blocks = (M + ROW_BLOCK_PAIR - 1) / ROW_BLOCK_PAIR;
-        if (t == pairs) {  /* an odd last tile */
-            const float *tile = packed + 2L * t * K * TILE;
-            int columns = N - 2 * TILE * t;
-            blocks = (M + ROW_BLOCK_512 - 1) / ROW_BLOCK_512;
-            for (int block = 0, first = 0; block < blocks; block++) {
-                int rows = (M - first + blocks - block - 1) / (blocks - block);
-                multiply_block_512(rows, x + (long)first * K, K, tile, out);
-                for (int m = 0; m < rows; m++) memcpy(y + (long)(first + m) * N + 2 * TILE * t, out + TILE * m, columns * sizeof(float));
-                first += rows;
-            }
-            continue;
-        }
         const float *tile = packed + 2L * t * K * TILE;
         int columns = N - 2 * TILE * t < 2 * TILE ? N - 2 * TILE * t : 2 * TILE;
-        for (int block = 0, first = 0; block < blocks; block++) {
-            int rows = (M - first + blocks - block - 1) / (blocks - block);
-            multiply_pair_block(rows, x + (long)first * K, K, tile, out);
-            for (int m = 0; m < rows; m++) memcpy(y + (long)(first + m) * N + 2 * TILE * t, out + 2 * TILE * m, columns * sizeof(float));
-            first += rows;
-        }
+        float out[ROW_BLOCK_512 * 2 * TILE];
+        if (t == pairs)  /* an odd last tile */
+            multiply_rows(multiply_block_512, ROW_BLOCK_512, TILE, x, M, K, tile, out, y, N, 2 * TILE * t, columns);
+        else
+            multiply_rows(multiply_pair_block, ROW_BLOCK_PAIR, 2 * TILE, x, M, K, tile, out, y, N, 2 * TILE * t, columns);
     }
 }
-
-typedef void (*block_function)(int rows, const float *x, int K, const void *tile, float *out);
 
 static void gemm(const float *x, int M, int K, const void *packed, int N, float *y, int threads, int wide, int bf16) {
     int tiles = (N + TILE - 1) / TILE;
@@ -187,16 +188,7 @@ static void gemm(const float *x, int M, int K, const void *packed, int N, float 
         const char *tile = (const char *)packed + t * tile_bytes;
         int columns = N - TILE * t < TILE ? N - TILE * t : TILE;
         float out[ROW_BLOCK_512 * TILE];
-        /* Blocks of nearly equal size (8 rows: 4 + 4, not 6 + 2), so none is too small to hide the
-         * latency of its multiply-adds. */
-        int blocks = (M + row_block - 1) / row_block;
-        for (int block = 0, first = 0; block < blocks; block++) {
-            int rows = (M - first + blocks - block - 1) / (blocks - block);
-            multiply(rows, x + (long)first * K, K, tile, out);
-            for (int m = 0; m < rows; m++)
-                memcpy(y + (long)(first + m) * N + TILE * t, out + TILE * m, columns * sizeof(float));
-            first += rows;
-        }
+        multiply_rows(multiply, row_block, TILE, x, M, K, tile, out, y, N, TILE * t, columns);
     }
 }
 
@@ -278,6 +270,15 @@ void amx_gemm(const unsigned short *rows, int M, int K, const unsigned short *pa
     }
 }
 
+/* head_argmax's bound for eight columns, and for one: both sweeps must compute the same numbers. */
+static inline __m256 bound8(__m256 scale, __m256 rounding, const float *slack, const float *norms) {
+    return _mm256_fmadd_ps(rounding, _mm256_loadu_ps(norms), _mm256_mul_ps(scale, _mm256_loadu_ps(slack)));
+}
+
+static inline float bound1(float scale, float rounding, float slack, float norm) {
+    return fmaf(rounding, norm, scale * slack);
+}
+
 /* Greedy decoding's argmax over the LM head, exactly as over the float32 logits of small_gemm, reading
  * half the memory. A one-row pass spends ~5 ms of ~35 reading SmolLM2's 49152 x 576 float32 head.
  *
@@ -301,14 +302,13 @@ void head_argmax(const float *x, int M, int K, const float *approx, int N, const
         __m256 lows = _mm256_set1_ps(-INFINITY);
         int i = 0;
         for (; i + 8 <= N; i += 8) {
-            __m256 bound = _mm256_fmadd_ps(vrounding, _mm256_loadu_ps(norms + i), _mm256_mul_ps(vscale, _mm256_loadu_ps(slack + i)));
-            lows = _mm256_max_ps(lows, _mm256_sub_ps(_mm256_loadu_ps(am + i), bound));
+            lows = _mm256_max_ps(lows, _mm256_sub_ps(_mm256_loadu_ps(am + i), bound8(vscale, vrounding, slack + i, norms + i)));
         }
         float low_values[8], floor_value = -INFINITY;
         _mm256_storeu_ps(low_values, lows);
         for (int j = 0; j < 8; j++) floor_value = low_values[j] > floor_value ? low_values[j] : floor_value;
         for (; i < N; i++) {
-            float low = am[i] - fmaf(rounding, norms[i], scale * slack[i]);
+            float low = am[i] - bound1(scale, rounding, slack[i], norms[i]);
             if (low > floor_value) floor_value = low;
         }
         __m256 vfloor = _mm256_set1_ps(floor_value);
@@ -318,12 +318,12 @@ void head_argmax(const float *x, int M, int K, const float *approx, int N, const
         for (int start = 0; start < N; start += 8) {
             unsigned reaches;
             if (start + 8 <= N) {
-                __m256 bound = _mm256_fmadd_ps(vrounding, _mm256_loadu_ps(norms + start), _mm256_mul_ps(vscale, _mm256_loadu_ps(slack + start)));
+                __m256 bound = bound8(vscale, vrounding, slack + start, norms + start);
                 reaches = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(am + start), bound), vfloor, _CMP_GE_OQ));
             } else {
                 reaches = 0;
                 for (int j = start; j < N; j++)
-                    if (am[j] + fmaf(rounding, norms[j], scale * slack[j]) >= floor_value) reaches |= 1u << (j - start);
+                    if (am[j] + bound1(scale, rounding, slack[j], norms[j]) >= floor_value) reaches |= 1u << (j - start);
             }
             for (; reaches; reaches &= reaches - 1) {  /* ascending columns: a tie keeps the lowest */
                 int column = start + __builtin_ctz(reaches);

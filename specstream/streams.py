@@ -17,7 +17,7 @@ import torch
 
 from .adapter import StreamAdapter
 from .kv_cache import KVCache
-from .llama import LlamaWeights, attention_bias, decoder_layer, rms_norm, rotary_tables
+from .llama import LlamaWeights, attention_bias, decoder_layer, rms_norm, rotary_tables, with_attention_backends
 from .phrases import PhraseTable
 from .cpu_kernels import PackedMatrix, pack
 
@@ -145,6 +145,7 @@ class SpeculativeModel:
         top_probs, columns = probs.topk(k, dim=-1)
         return top_probs, columns if self.draft_ids is None else self.draft_ids[columns]
 
+    @with_attention_backends
     def forward(
         self,
         cache: KVCache,
@@ -223,6 +224,7 @@ class SpeculativeModel:
             slots = torch.cat([slots, scratch])
         return torch.cat([x, streams], dim=1), rotary, mask, slots
 
+    @with_attention_backends
     def streams_at_end(self, cache: KVCache, early_row: torch.Tensor, gamma: int) -> torch.Tensor:
         """Streams of the last committed position alone, after the pass that committed it.
 

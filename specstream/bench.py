@@ -29,6 +29,7 @@ from .decoding import DECODERS, STREAM_PASSES, DecodeSettings, SettingsError, pl
 from .engine import build_model, default_adapter_path
 from .costs import cpu_name, measure_afresh
 from .report import write_report
+from .llama import attention_backends
 from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
 from .streams import SpeculativeModel
 
@@ -106,7 +107,9 @@ class Runner:
         options = {"prompt_lookup_num_tokens": 10} if method == "hf_prompt_lookup" else {}
         eos = list(self.model.shape.eos_token_ids)
         try:
-            with torch.inference_mode():
+            # The attention kernels our passes use, so that a GPU's cuDNN set-up per new shape slows
+            # neither side (the H200 run of 2026-11-26 gave transformers torch's own choice).
+            with torch.inference_mode(), attention_backends(self.base.device):
                 output = self.reference.generate(
                     torch.tensor([prompt_ids], device=self.base.device),
                     attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=self.base.device),

@@ -206,3 +206,19 @@ def test_trace_file_holds_the_whole_run(trace):
     assert data["plain_text"] == data["specstream_text"] == "".join(trace.plain.texts)
     assert len(data["steps"]) == len(trace.steps()) and len(data["plain_steps"]) == len(trace.plain.records)
     assert data["model"] == {"model": "tiny"} and data["identical"] is True
+
+
+@pytest.mark.parametrize("dtype, warned", [("float32", False), ("float64", False), ("bfloat16", True), ("float16", True)])
+def test_model_line_says_when_16_bit_logits_can_part_the_columns(dtype, warned):
+    info = {"status": "ready", "model": "m", "weights": "m", "device": "cuda:0", "dtype": dtype, "matmul": "torch",
+            "adapter_mode": "lossless", "gamma": 3, "stream_layers": 6, "adapter_note": ""}
+    text = views.model_markdown(info)
+    assert "must show the same text" in text
+    assert ("up to logit ties" in text) is warned
+
+
+def test_the_app_defaults_to_float32_everywhere(monkeypatch):
+    from specstream.ui.service import ModelChoice
+
+    monkeypatch.delenv("SPECSTREAM_DTYPE", raising=False)
+    assert ModelChoice.from_environment().dtype == ModelChoice().dtype == "float32"

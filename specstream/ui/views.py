@@ -21,7 +21,9 @@ def model_markdown(info: dict) -> str:
                 "about 20 s). Type a prompt meanwhile: Run waits for it.")
     if info["status"] == "failed":
         return f"❌ {info['error']} Runs are disabled until the app is restarted with a model that loads."
-    mode = ("**lossless**: the base weights are untouched, so both columns must show the same text"
+    mode = (("**lossless**: the base weights are untouched, so both columns must show the same text"
+             + ("" if info["dtype"] in ("float32", "float64") else
+                f" up to logit ties, which {info['dtype']} makes common and a tree pass breaks differently"))
             if info["adapter_mode"] == "lossless" else
             "**shared**: the base model was fine-tuned with the streams, so replies may differ from the base model's")
     weights = info["weights"] if info["weights"].startswith(info["model"]) else f"{info['model']} ({info['weights']})"

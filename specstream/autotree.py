@@ -37,6 +37,12 @@ REPLAN_EVERY = 4  # passes between budget choices; each choice costs well under 
 # one token is grafted to look again. At about 3 ms a node on a 2-core CPU that costs a fraction of a
 # millisecond per pass of that kind.
 EXPLORE_EVERY = 16
+# Passes the timed-pass correction averages over: the tables' errors on a busy machine (a few per cent
+# between depths) are smaller than one pass's noise, so it takes many passes to see them.
+TIMING_WINDOW = 200.0
+# A depth the plans never pick is never timed, so its table could never be corrected: after this many
+# timed passes without it, one replanning window drafts at that depth (a few per cent of the passes).
+EXPLORE_DEPTH_EVERY = 96
 
 
 @dataclass(frozen=True)
@@ -204,16 +210,65 @@ def choose_depth(
     max_budget: int,
     copied: CopiedStats | None = None,
     max_lookup: int = 0,
+    times: PassTimes | None = None,
 ) -> Plan:
     """The depth (streams per node, from the keys of `costs`, each depth's measured pass costs) and
     the plan at that depth with the most expected tokens per second. A deeper tree wins where its
     extra stream rows are cheap (a GPU); on a small CPU their cost can outweigh the third stream's
-    few accepted drafts."""
+    few accepted drafts. `times` corrects each depth's prices by its passes timed so far."""
     plans = [
         replace(choose(stats, top_k[:depth], table, max_budget, copied, max_lookup), depth=depth)
         for depth, table in sorted(costs.items())
     ]
-    return max(plans, key=lambda plan: plan.expected_speedup)
+    if times is None:
+        return max(plans, key=lambda plan: plan.expected_speedup)
+    return max(plans, key=lambda plan: plan.expected_speedup / times.factor(plan.depth))
+
+
+class PassTimes:
+    """How the passes actually timed compare with the cost tables' prices for them: a ratio per depth,
+    and one over all depths. The tables, measured once at start-up, can misprice one depth against
+    another by more than the streams' gain (a one-node pass at depth 3 priced below one at depth 1 on a
+    busy machine); the passes of a run are many more measurements of the same thing."""
+
+    def __init__(self):
+        self.ratio: dict[int, float] = {}
+        self.count: dict[int, float] = {}
+        self.overall, self.total = 1.0, 0.0
+        self.seen = 0  # passes timed
+        self.last: dict[int, int] = {}  # the pass count when each depth was last timed
+
+    def stale(self, depths) -> int | None:
+        """A depth not timed for EXPLORE_DEPTH_EVERY passes, if any."""
+        return next((d for d in sorted(depths) if self.seen - self.last.get(d, 0) > EXPLORE_DEPTH_EVERY), None)
+
+    def observe(self, depth: int, seconds: float, predicted: float) -> None:
+        if predicted <= 0 or seconds <= 0:
+            return
+        self.seen += 1
+        self.last[depth] = self.seen
+        ratio = seconds / predicted
+        for key in (depth, None):
+            count = min((self.count.get(key, 0.0) if key is not None else self.total) + 1.0, TIMING_WINDOW)
+            old = self.ratio.get(key, ratio) if key is not None else (self.overall if self.total else ratio)
+            new = old + (ratio - old) / count
+            if key is None:
+                self.overall, self.total = new, count
+            else:
+                self.ratio[key], self.count[key] = new, count
+
+    def factor(self, depth: int) -> float:
+        """What to multiply depth's table by, relative to the others: 1 until a depth has been timed
+        (the per-pass costs the tables leave out, common to all depths, are divided out)."""
+        if depth not in self.ratio or not self.total:
+            return 1.0
+        return self.ratio[depth] / self.overall
+
+
+def _priced_size(costs: PassCosts, nodes: int) -> int:
+    """The measured tree size that prices a pass over `nodes` nodes: the smallest at least as big."""
+    sizes = sorted(costs.tree)
+    return next((size for size in sizes if size >= nodes), sizes[-1])
 
 
 class TreePlanner:
@@ -229,14 +284,19 @@ class TreePlanner:
         costs: dict[int, PassCosts],  # by depth
         copied: CopiedStats | None = None,
         max_lookup: int = 0,
+        times: PassTimes | None = None,
     ):
         self.top_k, self.max_budget, self.stats, self.costs = top_k, max_budget, stats, costs
-        self.copied, self.max_lookup = copied, max_lookup
+        self.copied, self.max_lookup, self.times = copied, max_lookup, times
         self.passes = 0
         self.plan = self._choose()
 
     def _choose(self) -> Plan:
-        return choose_depth(self.stats, self.top_k, self.costs, self.max_budget, self.copied, self.max_lookup)
+        stale = self.times.stale(self.costs) if self.times is not None and len(self.costs) > 1 else None
+        if stale is not None:
+            plan = choose(self.stats, self.top_k[:stale], self.costs[stale], self.max_budget, self.copied, self.max_lookup)
+            return replace(plan, depth=stale)
+        return choose_depth(self.stats, self.top_k, self.costs, self.max_budget, self.copied, self.max_lookup, self.times)
 
     def chain_length(self, kind: CopyKind) -> int:
         """Copied tokens worth grafting this pass, for a chain of this kind."""
@@ -252,6 +312,11 @@ class TreePlanner:
         self.stats.observe(record)
         if self.copied is not None:
             self.copied.observe(record)
+        depth = record.stream_depth  # the streams this pass computed, which its table prices
+        if self.times is not None and record.nodes and depth in self.costs:
+            table = self.costs[depth]
+            predicted = table.seconds(_priced_size(table, len(record.nodes)), len(record.emitted_tokens))
+            self.times.observe(depth, record.seconds, predicted)
         self.passes += 1
         if self.passes % REPLAN_EVERY == 0:
             self.plan = self._choose()

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .autotree import PRIOR_LOOKUP, AcceptanceStats, CopiedStats, CopyKind, Plan, TreePlanner
+from .autotree import PRIOR_LOOKUP, AcceptanceStats, CopiedStats, CopyKind, PassTimes, Plan, TreePlanner
 from .costs import PassCosts, device_costs
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
@@ -30,6 +30,8 @@ STREAM_PASSES = ("auto", "joint", "deferred", "likely")
 # this chance. A node's streams cost its gamma rows through the top layers (about 0.3 ms a row on a
 # 2-core Xeon); a pass that ends at a node without them costs a second pass (about 5 ms).
 LIKELY_END = 0.1
+# Whether the auto tree corrects its pass-cost tables by the passes it times (autotree.PassTimes).
+CORRECT_COSTS = True
 
 
 class SettingsError(ValueError):
@@ -326,7 +328,8 @@ def tree_planner(model: SpeculativeModel, settings: DecodeSettings, depth: int) 
     shared = _shared_stats.setdefault(model, {})
     stats = shared.setdefault((depth, max(top_k)), AcceptanceStats(depth, max(top_k)))
     copied = shared.setdefault("copied", CopiedStats(MAX_LOOKUP_TOKENS)) if settings.lookup_tokens else None
-    return TreePlanner(top_k, settings.node_budget, stats, costs, copied, settings.lookup_tokens)
+    times = shared.setdefault(("times", settings.stream_pass), PassTimes()) if CORRECT_COSTS else None
+    return TreePlanner(top_k, settings.node_budget, stats, costs, copied, settings.lookup_tokens, times)
 
 
 @dataclass

@@ -5,7 +5,10 @@ import dataclasses
 import pytest
 
 from specstream import costs, decoding
-from specstream.autotree import EXPLORE_EVERY, AcceptanceStats, CopiedStats, LookupStats, choose, choose_depth, expected_tokens, lookup_length
+from specstream.autotree import (
+    EXPLORE_DEPTH_EVERY, EXPLORE_EVERY, REPLAN_EVERY, AcceptanceStats, CopiedStats, LookupStats, PassTimes, TreePlanner, choose,
+    choose_depth, expected_tokens, lookup_length,
+)
 from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
 from specstream.records import NodeRecord, StepRecord
@@ -258,3 +261,38 @@ def test_depth_follows_what_each_depth_costs():
     deep, shallow = choose_depth(stats, (3, 3, 3), gpu, 64), choose_depth(stats, (3, 3, 3), cpu, 64)
     assert deep.depth == 3 and shallow.depth < 3
     assert shallow == dataclasses.replace(choose(stats, (3, 3, 3)[: shallow.depth], cpu[shallow.depth], 64), depth=shallow.depth)
+
+
+def _mispriced():
+    """Depth 3's streams add little and its passes cost 20 % more than depth 1's, but its table (noise
+    at start-up) prices them 4 % below."""
+    stats = stats_with([[0.6, 0.2, 0.1], [0.15, 0.05, 0.02], [0.1, 0.05, 0.02]])
+    tables = {d: PassCosts(0.010, {n: 0.010 * (1 + n * 0.05) * (0.96 if d == 3 else 1.0) for n in costs.SIZES}, 0.0)
+              for d in (1, 3)}
+    return stats, tables
+
+
+def test_timed_passes_correct_a_depth_the_tables_mispriced():
+    stats, tables = _mispriced()
+    times = PassTimes()
+    assert choose_depth(stats, (3, 3, 3), tables, 64, times=times).depth == 3
+    assert times.factor(1) == times.factor(3) == 1.0  # nothing timed: the tables as they are
+    for _ in range(50):
+        times.observe(1, seconds=0.011, predicted=0.010)  # 10 % the tables leave out, at every depth
+        times.observe(3, seconds=0.01375, predicted=0.010)  # and depth 3's 25 % mispricing
+    assert times.factor(3) > 1.0 > times.factor(1)
+    assert choose_depth(stats, (3, 3, 3), tables, 64, times=times).depth == 1
+
+
+def test_a_depth_never_planned_is_timed_now_and_then():
+    stats, tables = _mispriced()
+    times = PassTimes()
+    planner = TreePlanner((3, 3, 3), 64, stats, tables, times=times)
+    nodes = tuple(NodeRecord(i, 5, "w", i - 1, i, 0, 0.5, 0, None, Fate.ACCEPTED, None, None, "stream") for i in range(4))
+    record = StepRecord("specstream", 1, nodes, (0, 1), 5, (5, 5), ("w", "w"), 0.01, 2, 1, None, stream_depth=3)
+    chosen = []
+    for _ in range(EXPLORE_DEPTH_EVERY + 2 * REPLAN_EVERY):
+        planner.observe(dataclasses.replace(record, stream_depth=planner.plan.depth))
+        chosen.append(planner.plan.depth)
+    assert chosen[0] == 3 and 1 in chosen[EXPLORE_DEPTH_EVERY - REPLAN_EVERY :]
+    assert times.last[1] > 0

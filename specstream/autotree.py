@@ -231,10 +231,11 @@ class PassTimes:
     another by more than the streams' gain (a one-node pass at depth 3 priced below one at depth 1 on a
     busy machine); the passes of a run are many more measurements of the same thing."""
 
+    ALL = 0  # the key of the ratio over all depths (depths count from 1)
+
     def __init__(self):
-        self.ratio: dict[int, float] = {}
-        self.count: dict[int, float] = {}
-        self.overall, self.total = 1.0, 0.0
+        self.ratio: dict[int, float] = {}  # running mean of timed / priced, by depth and over ALL
+        self.count: dict[int, float] = {}  # observations in each running mean, at most TIMING_WINDOW
         self.seen = 0  # passes timed
         self.last: dict[int, int] = {}  # the pass count when each depth was last timed
 
@@ -248,21 +249,17 @@ class PassTimes:
         self.seen += 1
         self.last[depth] = self.seen
         ratio = seconds / predicted
-        for key in (depth, None):
-            count = min((self.count.get(key, 0.0) if key is not None else self.total) + 1.0, TIMING_WINDOW)
-            old = self.ratio.get(key, ratio) if key is not None else (self.overall if self.total else ratio)
-            new = old + (ratio - old) / count
-            if key is None:
-                self.overall, self.total = new, count
-            else:
-                self.ratio[key], self.count[key] = new, count
+        for key in (depth, self.ALL):
+            count = min(self.count.get(key, 0.0) + 1.0, TIMING_WINDOW)
+            old = self.ratio.get(key, ratio)
+            self.ratio[key], self.count[key] = old + (ratio - old) / count, count
 
     def factor(self, depth: int) -> float:
         """What to multiply depth's table by, relative to the others: 1 until a depth has been timed
         (the per-pass costs the tables leave out, common to all depths, are divided out)."""
-        if depth not in self.ratio or not self.total:
+        if depth not in self.ratio:
             return 1.0
-        return self.ratio[depth] / self.overall
+        return self.ratio[depth] / self.ratio[self.ALL]
 
 
 def _priced_size(costs: PassCosts, nodes: int) -> int:
@@ -293,10 +290,8 @@ class TreePlanner:
 
     def _choose(self) -> Plan:
         stale = self.times.stale(self.costs) if self.times is not None and len(self.costs) > 1 else None
-        if stale is not None:
-            plan = choose(self.stats, self.top_k[:stale], self.costs[stale], self.max_budget, self.copied, self.max_lookup)
-            return replace(plan, depth=stale)
-        return choose_depth(self.stats, self.top_k, self.costs, self.max_budget, self.copied, self.max_lookup, self.times)
+        costs = self.costs if stale is None else {stale: self.costs[stale]}
+        return choose_depth(self.stats, self.top_k, costs, self.max_budget, self.copied, self.max_lookup, self.times)
 
     def chain_length(self, kind: CopyKind) -> int:
         """Copied tokens worth grafting this pass, for a chain of this kind."""

@@ -9,11 +9,10 @@ function works on a batch of rows `(B, R, d)` whose keys and values come from a 
 
 from __future__ import annotations
 
-import functools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from functools import cached_property
+from functools import cached_property, wraps
 from typing import Callable, Protocol
 
 import torch
@@ -283,7 +282,7 @@ def attention_backends(device: torch.device):
 def with_attention_backends(method):
     """Runs a model method (of an object with `weights`) inside `attention_backends`."""
 
-    @functools.wraps(method)
+    @wraps(method)
     def wrapper(self, *args, **kwargs):
         with attention_backends(self.weights.device):
             return method(self, *args, **kwargs)

@@ -264,8 +264,8 @@ def test_depth_follows_what_each_depth_costs():
 
 
 def _mispriced():
-    """Depth 3's streams add little and its passes cost 20 % more than depth 1's, but its table (noise
-    at start-up) prices them 4 % below."""
+    """Depth 3's streams add little and its passes cost 25 % more than depth 1's (as timed below), but
+    its table (noise at start-up) prices them 4 % below."""
     stats = stats_with([[0.6, 0.2, 0.1], [0.15, 0.05, 0.02], [0.1, 0.05, 0.02]])
     tables = {d: PassCosts(0.010, {n: 0.010 * (1 + n * 0.05) * (0.96 if d == 3 else 1.0) for n in costs.SIZES}, 0.0)
               for d in (1, 3)}

@@ -12,13 +12,10 @@ from specstream.loading import load_base_model
 from specstream.streams import SpeculativeModel
 
 from .conftest import random_adapter
+from .test_decoding import tokens_of
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def tokens_of(records):
-    return [t for r in records for t in r.emitted_tokens]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ matmuls were fast, the small torch ops between them (about sixty a layer, a few 
 dispatch each) were a third of a pass; `rms_norm` and `rotary` do their rows in one call each.
 Then the LM head was the biggest single read of a one-row pass: `ExactArgmax` finds the greedy token
 from a bfloat16 copy (in AMX tiles where the CPU has them) and recomputes only the few columns a proven
-bound cannot rule out.
+bound cannot rule out. Attention over the KV cache (`attend_rows`, with the cache writes of `write_kv`)
+took 80 microseconds a layer in torch for one row; in C about 20, and a row's result depends only on
+the keys it sees, so a tree node's attention is the same bits as plain decoding's at that token.
 
 They are built with the system's C compiler at first use and cached on disk. Where that is impossible
 (no compiler, no AVX2, another architecture, `SPECSTREAM_CPU_KERNELS=0`) `pack` returns None,
@@ -173,6 +175,50 @@ def rotary(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin:
     )
 
 
+# The most query rows `attend_rows` takes: a decoding pass's tree and streams; a prompt goes to torch.
+ATTENTION_ROWS = 96
+
+
+def attention_fits(qkv: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, heads: int, head_dim: int) -> bool:
+    """Whether `attend_rows` may take these: one sequence of at most ATTENTION_ROWS rows, float32, a
+    cache of (kv_heads, capacity, head_dim) and an additive bias of (rows, span) or none."""
+    rows = qkv.shape[0]
+    return (
+        qkv.dim() == 2
+        and rows <= ATTENTION_ROWS
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and heads // keys.shape[0] <= 8
+        and fits(qkv, keys, *(() if bias is None else (bias,)))
+        and (bias is None or (bias.dim() == 2 and bias.shape[0] == rows))
+    )
+
+
+def write_kv(qkv: torch.Tensor, heads: int, head_dim: int, keys: torch.Tensor, values: torch.Tensor,
+             slots: int | torch.Tensor) -> None:
+    """Copy the keys and values of fused q/k/v rows qkv (R, W) into cache slots (a start slot, or R
+    slot indices) of keys and values (kv_heads, capacity, head_dim)."""
+    indices = None if isinstance(slots, int) else slots.to(torch.long).contiguous()
+    load_library().write_kv(
+        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], heads, keys.shape[0], head_dim, slots if indices is None else 0,
+        None if indices is None else indices.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0),
+    )
+
+
+def attend_rows(qkv: torch.Tensor, heads: int, head_dim: int, keys: torch.Tensor, values: torch.Tensor, span: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the query heads of fused q/k/v rows qkv (R, W) over cache slots [0, span) of keys
+    and values (kv_heads, capacity, head_dim), with an additive bias (R, span) of 0 and -inf or none:
+    (R, heads * head_dim). A row's result depends only on the keys it sees, in slot order."""
+    out = torch.empty(qkv.shape[0], heads * head_dim, dtype=torch.float32)
+    load_library().attend_rows(
+        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], heads, keys.shape[0], head_dim, keys.data_ptr(), values.data_ptr(),
+        keys.stride(0), span, None if bias is None else bias.data_ptr(), ctypes.c_float(head_dim**-0.5), out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def pack(weight: torch.Tensor, bfloat16: bool = False) -> PackedMatrix | None:
     """The weight packed for the kernel, or None where the kernel does not apply to it."""
     library = _library_for(weight)
@@ -215,8 +261,12 @@ def load_library() -> ctypes.CDLL | None:
     library.amx_ready.restype = integer
     library.rms_norm.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float]
     library.rotary.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, integer]
+    wide = ctypes.c_long
+    library.attend_rows.argtypes = [pointer, integer, integer, integer, integer, integer, pointer, pointer, wide, integer,
+                                    pointer, ctypes.c_float, pointer, integer]
+    library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.head_argmax,
-                     library.amx_gemm, library.rms_norm, library.rotary):
+                     library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"
     return library

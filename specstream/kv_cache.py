@@ -34,6 +34,10 @@ class KVCache:
             self.values[layer].index_copy_(2, slots, v)
         return self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
 
+    def slots(self, layer: int, slots: torch.Tensor | int, span: int) -> CacheSlots:
+        """Where one layer of a pass writes its rows and how far it reads: the `kv` of a decoder layer."""
+        return CacheSlots(self, layer, slots, span)
+
     def keep(self, offsets: torch.Tensor) -> None:
         """Commit the entries written at slots `length + offsets`, moved to contiguous slots."""
         count = int(offsets.numel())
@@ -51,3 +55,25 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
+
+
+class CacheSlots:
+    """One layer's share of a pass: called with the new keys and values, writes them at `slots` and
+    returns every key and value below `span`; the CPU attention kernel reads `keys` and `values`."""
+
+    def __init__(self, cache: KVCache, layer: int, slots: torch.Tensor | int, span: int):
+        if span > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} slots; this pass needs {span}")
+        self.cache, self.layer, self.slots, self.span = cache, layer, slots, span
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.write(self.layer, self.slots, k, v, self.span)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(kv_heads, capacity, head_dim) of this layer."""
+        return self.cache.keys[self.layer, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache.values[self.layer, 0]

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import cpu_kernels
 from .cpu_kernels import PackedMatrix, pack
+from .kv_cache import CacheSlots
 
 # Rotary types whose frequencies depend on the sequence length at run time; our cached
 # cos/sin table cannot follow them, so we refuse them rather than be silently wrong.
@@ -250,6 +251,10 @@ def decoder_layer(
     rotated = head_dim % 16 == 0 and cos.dim() == 2 and cpu_kernels.fits(qkv, cos, sin)
     if rotated:  # queries and keys rotated in place, in one call
         cpu_kernels.rotary(qkv, heads + kv_heads, head_dim, cos, sin)
+    if rotated and batch == 1 and _kernel_attends(kv, qkv[0], mask, heads, head_dim):
+        cpu_kernels.write_kv(qkv[0], heads, head_dim, kv.keys, kv.values, kv.slots)
+        attn = cpu_kernels.attend_rows(qkv[0], heads, head_dim, kv.keys, kv.values, kv.span, mask)[None]
+        return _after_attention(layer, shape, x, attn, delta)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = k.view(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
@@ -259,10 +264,25 @@ def decoder_layer(
     keys, values = kv(k, v)
     attn = attend(q, keys, values, None if mask is None else mask[None, None])
     attn = attn.transpose(1, 2).reshape(batch, rows, heads * head_dim)
+    return _after_attention(layer, shape, x, attn, delta)
+
+
+def _after_attention(layer: LayerWeights, shape: LlamaShape, x: torch.Tensor, attn: torch.Tensor, delta: Delta | None) -> torch.Tensor:
+    """The rest of a layer from its attention output (B, R, heads * head_dim): output projection, MLP."""
     x = x + _project("o", attn, layer, delta)
     h = rms_norm(x, layer.post_norm, shape.rms_norm_eps)
     gate, up = _project("gate_up", h, layer, delta).chunk(2, dim=-1)
     return x + _project("down", F.silu(gate) * up, layer, delta)
+
+
+def _kernel_attends(kv: KVFunction, qkv: torch.Tensor, mask: torch.Tensor | None, heads: int, head_dim: int) -> bool:
+    """Whether this layer's attention goes to the CPU kernel: a decoding pass (a few rows) writing
+    into a KV cache, with no mask or an additive one over exactly the slots it reads."""
+    return (
+        isinstance(kv, CacheSlots)
+        and (mask is None or (mask.dtype == torch.float32 and mask.shape[-1] == kv.span))
+        and cpu_kernels.attention_fits(qkv, kv.keys, mask, heads, head_dim)
+    )
 
 
 # On a GPU, attention without cuDNN's kernel, which torch 2.11 picks on an H200 and which sets itself

@@ -191,7 +191,7 @@ class SpeculativeModel:
 
     @staticmethod
     def _writer(cache: KVCache, layer: int, slots, span: int):
-        return lambda k, v: cache.write(layer, slots, k, v, span)
+        return cache.slots(layer, slots, span)
 
     def _stream_sources(self, which: str | list[int] | None, kept: list[int]) -> list[int]:
         """The kept rows (positions in `kept`) that carry streams."""

@@ -226,3 +226,88 @@ def test_screened_argmax_picks_what_the_screen_alone_would_miss(kernel, screened
     assert all(b >= 200 for b in best)  # the twins, which the screen ranks level with their originals
     screen_alone = kernel.pack(widened, bfloat16=True)(hidden).argmax(-1).tolist()
     assert screen_alone == exact.tolist()
+
+
+def _attention_inputs(heads, kv_heads, head_dim, rows, span, seed=0, capacity=None):
+    generator = torch.Generator().manual_seed(seed)
+    capacity = capacity or span + 8
+    keys = torch.randn(kv_heads, capacity, head_dim, generator=generator)
+    values = torch.randn(kv_heads, capacity, head_dim, generator=generator)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    return qkv, keys, values
+
+
+# (9, 3, 64) is SmolLM2-135M's shape (the AVX-512 path where the CPU has it); head_dim 16 and a group
+# of 6 query heads per key/value head take the AVX2 path everywhere.
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 16), (6, 1, 64)])
+@pytest.mark.parametrize("rows", [1, 5, 19])
+def test_attention_matches_torch(kernel, heads, kv_heads, head_dim, rows):
+    span = 37
+    qkv, keys, values = _attention_inputs(heads, kv_heads, head_dim, rows, span, seed=rows)
+    visible = torch.rand(rows, span, generator=torch.Generator().manual_seed(1)) > 0.4
+    visible[:, 3] = True
+    for bias in (None, torch.zeros(rows, span).masked_fill_(~visible, float("-inf"))):
+        out = kernel.attend_rows(qkv, heads, head_dim, keys, values, span, bias)
+        q = qkv[:, : heads * head_dim].view(rows, heads, head_dim).transpose(0, 1)[None]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, keys[None, :, :span], values[None, :, :span], attn_mask=None if bias is None else bias[None, None],
+            enable_gqa=True,
+        )[0].transpose(0, 1).reshape(rows, heads * head_dim)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 16)])
+def test_a_row_attends_with_the_same_bits_wherever_its_keys_lie(kernel, heads, kv_heads, head_dim):
+    """A tree node sees the prefix and its ancestors scattered among other nodes' slots; plain decoding
+    later sees the same keys side by side. Both must give the same bits, whatever else is in the call."""
+    span = 50
+    qkv, keys, values = _attention_inputs(heads, kv_heads, head_dim, 3, span)
+    seen = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 33, 49])
+    visible = torch.rand(3, span, generator=torch.Generator().manual_seed(2)) > 0.5
+    visible[1] = False
+    visible[1, seen] = True
+    bias = torch.zeros(3, span).masked_fill_(~visible, float("-inf"))
+    in_a_tree = kernel.attend_rows(qkv, heads, head_dim, keys, values, span, bias)[1]
+    packed_keys, packed_values = keys.clone(), values.clone()
+    packed_keys[:, : len(seen)], packed_values[:, : len(seen)] = keys[:, seen], values[:, seen]
+    alone = kernel.attend_rows(qkv[1:2], heads, head_dim, packed_keys, packed_values, len(seen), None)[0]
+    assert torch.equal(in_a_tree, alone)
+
+
+def test_write_kv_fills_the_given_slots(kernel):
+    heads, kv_heads, head_dim = 4, 2, 16
+    qkv, keys, values = _attention_inputs(heads, kv_heads, head_dim, 3, 10)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(3, kv_heads, head_dim).transpose(0, 1)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(3, kv_heads, head_dim).transpose(0, 1)
+    for slots, where in ((4, [4, 5, 6]), (torch.tensor([9, 2, 7]), [9, 2, 7])):
+        before_keys, before_values = keys.clone(), values.clone()
+        kernel.write_kv(qkv, heads, head_dim, keys, values, slots)
+        assert torch.equal(keys[:, where], k) and torch.equal(values[:, where], v)
+        untouched = [s for s in range(keys.shape[1]) if s not in where]
+        assert torch.equal(keys[:, untouched], before_keys[:, untouched])
+        assert torch.equal(values[:, untouched], before_values[:, untouched])
+
+
+def test_decoding_passes_attend_in_the_kernel_and_prompts_in_torch(kernel, tiny_dir, monkeypatch):
+    from specstream.loading import load_base_model
+    from specstream.streams import SpeculativeModel
+
+    base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
+    model = SpeculativeModel(base.weights, None)
+    calls = []
+    original = kernel.attend_rows
+    monkeypatch.setattr(kernel, "attend_rows", lambda qkv, *rest: calls.append(qkv.shape[0]) or original(qkv, *rest))
+    prompt = torch.arange(1, 7)
+    with torch.inference_mode():
+        outputs = []
+        for use_kernel in (True, False):
+            monkeypatch.setattr(kernel, "ATTENTION_ROWS", 4 if use_kernel else 0)
+            cache = model.new_cache(16)
+            model.forward(cache, prompt, torch.arange(6), torch.ones(6, 6, dtype=torch.bool).tril())
+            cache.advance(6)
+            out = model.forward(cache, torch.tensor([3, 4]), torch.tensor([6, 7]), torch.ones(2, 2, dtype=torch.bool).tril())
+            outputs.append((out.main_hidden, cache.keys[:, :, :, :8].clone()))
+    layers = base.weights.shape.num_layers
+    assert calls == [2] * layers  # the 6-row prompt went to torch, the 2-row pass to the kernel
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)  # the pass's keys reached the cache

@@ -213,6 +213,18 @@ void small_gemm_bf16(const float *x, int M, int K, const unsigned short *packed,
     gemm(x, M, K, packed, N, y, threads, __builtin_cpu_supports("avx512f"), 1);
 }
 
+/* y (M, N) += (x (M, K) @ down^T) @ up^T for a low-rank pair packed as small_gemm takes them (down
+ * (rank, K), up (N, rank)): a stream row's correction in one call instead of two products and an add,
+ * which cost 60 us a call in torch around 20 us of arithmetic, 24 calls a pass. */
+void lora_add(const float *x, int M, int K, const float *down, int rank, const float *up, int N, float *y, int threads) {
+    float *low = malloc(sizeof(float) * M * rank), *high = malloc(sizeof(float) * M * N);
+    small_gemm(x, M, K, down, rank, low, threads);
+    small_gemm(low, M, rank, up, N, high, threads);
+    for (long i = 0; i < (long)M * N; i++) y[i] += high[i];
+    free(low);
+    free(high);
+}
+
 /* The screen of head_argmax on CPUs with AMX (Intel Xeons since Sapphire Rapids; the 2-core Xeons
  * here have it): the rows rounded to bfloat16 too, and one tile instruction multiplies up to 16 rows
  * by 32 k of a 16-column tile. The widening screen above is compute-bound beyond a few rows (8 rows

@@ -194,6 +194,14 @@ def attention_fits(qkv: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | N
     )
 
 
+def lora_add(x: torch.Tensor, down: PackedMatrix, up: PackedMatrix, y: torch.Tensor) -> None:
+    """y (M, N) += up(down(x (M, K))), in place, for `fits` tensors."""
+    load_library().lora_add(
+        x.data_ptr(), x.shape[0], x.shape[1], down.packed.data_ptr(), down.out_features, up.packed.data_ptr(),
+        up.out_features, y.data_ptr(), torch.get_num_threads(),
+    )
+
+
 def write_kv(qkv: torch.Tensor, heads: int, head_dim: int, keys: torch.Tensor, values: torch.Tensor,
              slots: int | torch.Tensor) -> None:
     """Copy the keys and values of fused q/k/v rows qkv (R, W) into cache slots (a start slot, or R
@@ -262,11 +270,13 @@ def load_library() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float]
     library.rotary.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, integer]
     wide = ctypes.c_long
+    library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer]
     library.attend_rows.argtypes = [pointer, integer, integer, integer, integer, integer, pointer, pointer, wide, integer,
                                     pointer, ctypes.c_float, pointer, integer]
     library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.head_argmax,
-                     library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv):
+                     library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
+                     library.lora_add):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"
     return library

@@ -19,6 +19,7 @@ from .adapter import StreamAdapter
 from .kv_cache import KVCache
 from .llama import LlamaWeights, attention_bias, decoder_layer, rms_norm, rotary_tables, with_attention_backends
 from .phrases import PhraseTable
+from . import cpu_kernels
 from .cpu_kernels import PackedMatrix, pack
 
 RowSelector = Callable[[torch.Tensor], list[int] | None]
@@ -50,6 +51,10 @@ class LoraDelta:
         if key not in self.adapter.lora_down or self.first_row >= outputs.shape[1]:
             return outputs
         rows = inputs[:, self.first_row :]
+        if key in self.packed and inputs.shape[0] == 1 and cpu_kernels.fits(inputs, outputs):
+            down, up = self.packed[key]
+            cpu_kernels.lora_add(rows[0], down, up, outputs[0, self.first_row :])
+            return outputs
         if key in self.packed and self.packed[key][0].accepts(rows):
             down, up = self.packed[key]
             correction = up(down(rows))

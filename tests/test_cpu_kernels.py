@@ -114,6 +114,7 @@ def test_packed_low_rank_pairs_match_the_adapter(kernel, tiny_dir):
         fast = LoraDelta(adapter, int(layer), 2, packed)(target, inputs, outputs.clone())
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(plain[:, 2:], outputs[:, 2:])  # the correction is not empty
+    assert torch.equal(fast[:, :2], outputs[:, :2])  # main rows untouched
 
 
 def test_rms_norm_matches_torch_row_by_row(kernel):

@@ -202,6 +202,86 @@ def lora_add(x: torch.Tensor, down: PackedMatrix, up: PackedMatrix, y: torch.Ten
     )
 
 
+# The order of a layer's projections in `decoder_layer_rows`.
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+class _LayerWeights(ctypes.Structure):
+    _fields_ = [("d", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
+                ("ff", ctypes.c_int), ("eps", ctypes.c_float), ("input_norm", ctypes.c_void_p),
+                ("post_norm", ctypes.c_void_p), ("projection", ctypes.c_void_p * 4)]
+
+
+class _LayerLora(ctypes.Structure):
+    _fields_ = [("rank", ctypes.c_int * 4), ("down", ctypes.c_void_p * 4), ("up", ctypes.c_void_p * 4)]
+
+
+class LoraKernel:
+    """One layer's packed low-rank pairs (by projection name, any subset) as `decoder_layer_rows` takes them."""
+
+    def __init__(self, pairs: dict[str, tuple[PackedMatrix, PackedMatrix]]):
+        self._pairs = pairs  # the structure points into their packed tensors
+        self.struct = _LayerLora()
+        for index, name in enumerate(PROJECTIONS):
+            if name in pairs:
+                down, up = pairs[name]
+                self.struct.rank[index] = down.out_features
+                self.struct.down[index], self.struct.up[index] = down.packed.data_ptr(), up.packed.data_ptr()
+
+
+class LayerKernel:
+    """A decoder layer's packed weights for `decoder_layer_rows`: a decoding pass's rows through the whole
+    layer in one call (its dozen torch ops and kernel calls cost about 100 us of dispatch a layer)."""
+
+    def __init__(self, packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
+                 kv_heads: int, head_dim: int, eps: float):
+        self._keep = (packed, input_norm, post_norm)
+        self.hidden = input_norm.shape[0]
+        self.struct = _LayerWeights(
+            self.hidden, heads, kv_heads, head_dim, packed["down"].in_features, eps, input_norm.data_ptr(),
+            post_norm.data_ptr(), (ctypes.c_void_p * 4)(*(packed[name].packed.data_ptr() for name in PROJECTIONS)),
+        )
+        self.heads, self.head_dim = heads, head_dim
+
+    def fits(self, x: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, span: int) -> bool:
+        """Whether it may take rows x (R, d) with rotary tables cos (R, head_dim), this cache and bias."""
+        rows = x.shape[0]
+        return (
+            x.dim() == 2
+            and 0 < rows <= ATTENTION_ROWS
+            and cos.shape == (rows, self.head_dim)
+            and (bias is None or (bias.shape == (rows, span) and bias.dtype == torch.float32))
+            and fits(x, cos, keys, *(() if bias is None else (bias,)))
+        )
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 slots: int | torch.Tensor, span: int, bias: torch.Tensor | None, lora: LoraKernel | None = None,
+                 first_row: int = 0) -> torch.Tensor:
+        """The layer over rows x (R, d) -> (R, d), writing their keys and values into the cache (kv_heads,
+        capacity, head_dim) at `slots` (a start slot, or R slot indices) and attending over [0, span)."""
+        indices = None if isinstance(slots, int) else slots.to(torch.long).contiguous()
+        out = torch.empty_like(x)
+        load_library().decoder_layer_rows(
+            ctypes.byref(self.struct), None if lora is None else ctypes.byref(lora.struct), first_row, x.data_ptr(),
+            out.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            keys.stride(0), slots if indices is None else 0, None if indices is None else indices.data_ptr(), span,
+            None if bias is None else bias.data_ptr(), torch.get_num_threads(),
+        )
+        return out
+
+
+def layer_kernel(packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
+                 kv_heads: int, head_dim: int, eps: float) -> LayerKernel | None:
+    """The whole-layer kernel for these weights, or None where it does not apply (a projection not
+    packed, or sizes the row kernels do not take)."""
+    hidden, ff = input_norm.shape[0], packed["down"].in_features if "down" in packed else 0
+    if set(packed) != set(PROJECTIONS) or hidden % 8 or ff % 8 or head_dim % 16 or head_dim > 256:
+        return None
+    if heads % kv_heads or heads // kv_heads > 64 or not fits(input_norm, post_norm):
+        return None
+    return LayerKernel(packed, input_norm, post_norm, heads, kv_heads, head_dim, eps)
+
+
 def write_kv(qkv: torch.Tensor, heads: int, head_dim: int, keys: torch.Tensor, values: torch.Tensor,
              slots: int | torch.Tensor) -> None:
     """Copy the keys and values of fused q/k/v rows qkv (R, W) into cache slots (a start slot, or R
@@ -271,12 +351,14 @@ def load_library() -> ctypes.CDLL | None:
     library.rotary.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, integer]
     wide = ctypes.c_long
     library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer]
+    library.decoder_layer_rows.argtypes = [pointer, pointer, integer, pointer, pointer, integer, pointer, pointer, pointer,
+                                           pointer, wide, wide, pointer, integer, pointer, integer]
     library.attend_rows.argtypes = [pointer, integer, integer, integer, integer, integer, pointer, pointer, wide, integer,
                                     pointer, ctypes.c_float, pointer, integer]
     library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.head_argmax,
                      library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
-                     library.lora_add):
+                     library.lora_add, library.decoder_layer_rows):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"
     return library

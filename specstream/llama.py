@@ -79,6 +79,15 @@ class LayerWeights:
         packed = {name: pack(getattr(self, name)) for name in PROJECTIONS}
         return {name: matrix for name, matrix in packed.items() if matrix is not None}
 
+    def kernel(self, shape: LlamaShape) -> cpu_kernels.LayerKernel | None:
+        """The whole-layer CPU kernel over these weights (None where it does not apply), made once."""
+        if "_kernel" not in self.__dict__:
+            self.__dict__["_kernel"] = cpu_kernels.layer_kernel(
+                self.packed, self.input_norm, self.post_norm, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                shape.rms_norm_eps,
+            )
+        return self.__dict__["_kernel"]
+
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T for projection `name` ("qkv", "o", "gate_up" or "down")."""
         matrix = self.packed.get(name)
@@ -244,6 +253,11 @@ def decoder_layer(
     the additive bias of `attention_bias`).
     """
     batch, rows, _ = x.shape
+    whole = _layer_kernel(layer, shape, x, rotary, kv, mask, delta)
+    if whole is not None:
+        kernel, lora, first_row = whole
+        cos, sin = rotary
+        return kernel(x[0], cos, sin, kv.keys, kv.values, kv.slots, kv.span, mask, lora, first_row)[None]
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, layer.input_norm, shape.rms_norm_eps)
     qkv = _project("qkv", h, layer, delta)
@@ -251,10 +265,6 @@ def decoder_layer(
     rotated = head_dim % 16 == 0 and cos.dim() == 2 and cpu_kernels.fits(qkv, cos, sin)
     if rotated:  # queries and keys rotated in place, in one call
         cpu_kernels.rotary(qkv, heads + kv_heads, head_dim, cos, sin)
-    if rotated and batch == 1 and _kernel_attends(kv, qkv[0], mask, heads, head_dim):
-        cpu_kernels.write_kv(qkv[0], heads, head_dim, kv.keys, kv.values, kv.slots)
-        attn = cpu_kernels.attend_rows(qkv[0], heads, head_dim, kv.keys, kv.values, kv.span, mask)[None]
-        return _after_attention(layer, shape, x, attn, delta)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = k.view(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
@@ -264,25 +274,26 @@ def decoder_layer(
     keys, values = kv(k, v)
     attn = attend(q, keys, values, None if mask is None else mask[None, None])
     attn = attn.transpose(1, 2).reshape(batch, rows, heads * head_dim)
-    return _after_attention(layer, shape, x, attn, delta)
-
-
-def _after_attention(layer: LayerWeights, shape: LlamaShape, x: torch.Tensor, attn: torch.Tensor, delta: Delta | None) -> torch.Tensor:
-    """The rest of a layer from its attention output (B, R, heads * head_dim): output projection, MLP."""
     x = x + _project("o", attn, layer, delta)
     h = rms_norm(x, layer.post_norm, shape.rms_norm_eps)
     gate, up = _project("gate_up", h, layer, delta).chunk(2, dim=-1)
     return x + _project("down", F.silu(gate) * up, layer, delta)
 
 
-def _kernel_attends(kv: KVFunction, qkv: torch.Tensor, mask: torch.Tensor | None, heads: int, head_dim: int) -> bool:
-    """Whether this layer's attention goes to the CPU kernel: a decoding pass (a few rows) writing
-    into a KV cache, with no mask or an additive one over exactly the slots it reads."""
-    return (
-        isinstance(kv, CacheSlots)
-        and (mask is None or (mask.dtype == torch.float32 and mask.shape[-1] == kv.span))
-        and cpu_kernels.attention_fits(qkv, kv.keys, mask, heads, head_dim)
-    )
+def _layer_kernel(layer: LayerWeights, shape: LlamaShape, x: torch.Tensor, rotary, kv: KVFunction,
+                  mask: torch.Tensor | None, delta: Delta | None):
+    """(the whole-layer kernel, its low-rank pairs or None, their first row) where the layer runs in one
+    call: a decoding pass's rows of one sequence writing into a KV cache, with any low-rank delta packed
+    for it. None where it runs op by op."""
+    if x.shape[0] != 1 or not isinstance(kv, CacheSlots) or x.device.type != "cpu":
+        return None
+    lora = None if delta is None else getattr(delta, "kernel", None)
+    if delta is not None and lora is None:
+        return None
+    kernel = layer.kernel(shape)
+    if kernel is None or not kernel.fits(x[0], rotary[0], kv.keys, mask, kv.span):
+        return None
+    return kernel, lora, 0 if delta is None else delta.first_row
 
 
 # On a GPU, attention without cuDNN's kernel, which torch 2.11 picks on an H200 and which sets itself

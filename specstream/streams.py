@@ -40,11 +40,24 @@ def pack_lora(adapter: StreamAdapter) -> PackedLora:
     return pairs
 
 
+def lora_kernels(adapter: StreamAdapter | None, packed: PackedLora, layers: int) -> dict[int, cpu_kernels.LoraKernel]:
+    """Each stream layer's packed pairs for the whole-layer CPU kernel, where every pair of it is packed."""
+    kernels = {}
+    for layer in range(layers if adapter else 0):
+        keys = {key for key in adapter.lora_down if key.startswith(f"{layer}_")}
+        pairs = {key.split("_", 1)[1]: packed[key] for key in keys if key in packed}
+        if len(pairs) == len(keys) and set(pairs) <= set(cpu_kernels.PROJECTIONS):
+            kernels[layer] = cpu_kernels.LoraKernel(pairs)
+    return kernels
+
+
 class LoraDelta:
     """Adds one top layer's low-rank corrections to rows `first_row:` of each projection."""
 
-    def __init__(self, adapter: StreamAdapter, layer: int, first_row: int, packed: PackedLora | None = None):
+    def __init__(self, adapter: StreamAdapter, layer: int, first_row: int, packed: PackedLora | None = None,
+                 kernel: cpu_kernels.LoraKernel | None = None):
         self.adapter, self.layer, self.first_row, self.packed = adapter, layer, first_row, packed or {}
+        self.kernel = kernel  # the same pairs for the whole-layer CPU kernel, where they all are packed
 
     def __call__(self, target: str, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         key = f"{self.layer}_{target}"
@@ -110,6 +123,7 @@ class SpeculativeModel:
         self._packed_lora = pack_lora(adapter) if adapter else {}
         self.gamma = adapter.config.gamma if adapter else 0
         stream_layers = adapter.config.stream_layers if adapter else 0
+        self._lora_kernels = lora_kernels(adapter, self._packed_lora, stream_layers)
         self.first_stream_layer = self.shape.num_layers - stream_layers
         self.draft_ids = adapter.draft_ids if adapter else None
         self._draft_rows = None if self.draft_ids is None else weights.lm_head[self.draft_ids].contiguous()  # (V', d)
@@ -188,11 +202,18 @@ class SpeculativeModel:
         # A single new row sees every slot: no mask is faster.
         mask = None if not sources and count == 1 else attention_bias(mask, w.dtype)
         for layer in range(self.first_stream_layer, self.shape.num_layers):
-            delta = LoraDelta(self.adapter, layer - self.first_stream_layer, first_adapted, self._packed_lora) if self.adapter else None
+            delta = self._delta(layer, first_adapted)
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, slots, span), mask, delta)
         hidden = rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
         streams = hidden[len(kept) :].view(len(sources), gamma, -1) if sources else None
         return PassOutput(kept, hidden[: len(kept)], streams, early_hidden, [kept[row] for row in sources])
+
+    def _delta(self, layer: int, first_row: int) -> LoraDelta | None:
+        """The adapter's low-rank corrections at base layer `layer`, from row `first_row` on."""
+        if self.adapter is None:
+            return None
+        index = layer - self.first_stream_layer
+        return LoraDelta(self.adapter, index, first_row, self._packed_lora, self._lora_kernels.get(index))
 
     @staticmethod
     def _writer(cache: KVCache, layer: int, slots, span: int):
@@ -245,7 +266,7 @@ class SpeculativeModel:
         visible = torch.ones(1, length, dtype=torch.bool, device=x.device)
         mask = attention_bias(stream_attention_mask(visible, [0], gamma)[1:], w.dtype)  # (gamma, length + gamma)
         for layer in range(self.first_stream_layer, self.shape.num_layers):
-            delta = LoraDelta(self.adapter, layer - self.first_stream_layer, 0, self._packed_lora)
+            delta = self._delta(layer, 0)
             x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, length, length + gamma), mask, delta)
         return rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
 

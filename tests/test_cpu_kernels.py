@@ -87,6 +87,7 @@ def test_the_forward_pass_uses_it(kernel, tiny_dir, monkeypatch):
     calls = []
     original = kernel.PackedMatrix.__call__
     monkeypatch.setattr(kernel.PackedMatrix, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
+    monkeypatch.setattr(kernel, "ATTENTION_ROWS", 0)  # op by op: no whole-layer kernel
     model = SpeculativeModel(base.weights, None)
     cache = model.new_cache(8)
     with torch.inference_mode():
@@ -289,26 +290,50 @@ def test_write_kv_fills_the_given_slots(kernel):
         assert torch.equal(values[:, untouched], before_values[:, untouched])
 
 
-def test_decoding_passes_attend_in_the_kernel_and_prompts_in_torch(kernel, tiny_dir, monkeypatch):
+def test_decoding_passes_run_whole_layers_in_the_kernel_and_prompts_in_torch(kernel, tiny_dir, monkeypatch):
     from specstream.loading import load_base_model
     from specstream.streams import SpeculativeModel
 
     base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
     model = SpeculativeModel(base.weights, None)
     calls = []
-    original = kernel.attend_rows
-    monkeypatch.setattr(kernel, "attend_rows", lambda qkv, *rest: calls.append(qkv.shape[0]) or original(qkv, *rest))
-    prompt = torch.arange(1, 7)
+    original = kernel.LayerKernel.__call__
+    monkeypatch.setattr(kernel.LayerKernel, "__call__", lambda self, x, *a, **k: calls.append(x.shape[0]) or original(self, x, *a, **k))
+    monkeypatch.setattr(kernel, "ATTENTION_ROWS", 4)
     with torch.inference_mode():
-        outputs = []
-        for use_kernel in (True, False):
-            monkeypatch.setattr(kernel, "ATTENTION_ROWS", 4 if use_kernel else 0)
-            cache = model.new_cache(16)
-            model.forward(cache, prompt, torch.arange(6), torch.ones(6, 6, dtype=torch.bool).tril())
-            cache.advance(6)
-            out = model.forward(cache, torch.tensor([3, 4]), torch.tensor([6, 7]), torch.ones(2, 2, dtype=torch.bool).tril())
-            outputs.append((out.main_hidden, cache.keys[:, :, :, :8].clone()))
-    layers = base.weights.shape.num_layers
-    assert calls == [2] * layers  # the 6-row prompt went to torch, the 2-row pass to the kernel
-    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)  # the pass's keys reached the cache
+        cache = model.new_cache(16)
+        model.forward(cache, torch.arange(1, 7), torch.arange(6), torch.ones(6, 6, dtype=torch.bool).tril())
+        cache.advance(6)
+        model.forward(cache, torch.tensor([3, 4]), torch.tensor([6, 7]), torch.ones(2, 2, dtype=torch.bool).tril())
+    assert calls == [2] * base.weights.shape.num_layers  # the 6-row prompt went to torch, the 2-row pass to the kernel
+
+
+def test_whole_layer_kernel_matches_the_layer_op_by_op(kernel, tiny_dir, monkeypatch):
+    """Decoding passes run each layer in one C call (with the adapter's low-rank pairs on the stream
+    rows); the same pass op by op gives the same hidden states and cache, up to float rounding."""
+    from specstream.loading import load_base_model
+    from specstream.streams import SpeculativeModel
+    from specstream.tree import tree_attention_mask
+
+    from .conftest import random_adapter
+
+    base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
+    model = SpeculativeModel(base.weights, random_adapter(base, seed=5).float())
+    assert model._lora_kernels  # every stream layer's pairs are packed
+    calls = []
+    original = kernel.LayerKernel.__call__
+    monkeypatch.setattr(kernel.LayerKernel, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    results = []
+    with torch.inference_mode():
+        for rows in (96, 0):
+            monkeypatch.setattr(kernel, "ATTENTION_ROWS", rows)
+            cache = model.new_cache(32)
+            model.forward(cache, torch.arange(1, 9), torch.arange(8), torch.ones(8, 8, dtype=torch.bool).tril())
+            cache.advance(8)
+            parents = [-1, 0, 0, 1]
+            out = model.forward(cache, torch.tensor([3, 4, 5, 6]), torch.tensor([8, 9, 9, 10]),
+                                tree_attention_mask(parents, "cpu"), stream_sources="all")
+            results.append((out.main_hidden, out.stream_hidden, cache.keys.clone(), cache.values.clone()))
+    assert len(calls) == 2 * base.weights.shape.num_layers  # the prompt and the tree pass, every layer
+    for fused, op_by_op in zip(*results):
+        torch.testing.assert_close(fused, op_by_op, rtol=1e-4, atol=1e-4)

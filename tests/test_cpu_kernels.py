@@ -87,7 +87,7 @@ def test_the_forward_pass_uses_it(kernel, tiny_dir, monkeypatch):
     calls = []
     original = kernel.PackedMatrix.__call__
     monkeypatch.setattr(kernel.PackedMatrix, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
-    monkeypatch.setattr(kernel, "ATTENTION_ROWS", 0)  # op by op: no whole-layer kernel
+    monkeypatch.setattr(kernel, "WHOLE_LAYERS", False)  # op by op
     model = SpeculativeModel(base.weights, None)
     cache = model.new_cache(8)
     with torch.inference_mode():
@@ -290,7 +290,7 @@ def test_write_kv_fills_the_given_slots(kernel):
         assert torch.equal(values[:, untouched], before_values[:, untouched])
 
 
-def test_decoding_passes_run_whole_layers_in_the_kernel_and_prompts_in_torch(kernel, tiny_dir, monkeypatch):
+def test_every_pass_runs_whole_layers_in_the_kernel(kernel, tiny_dir, monkeypatch):
     from specstream.loading import load_base_model
     from specstream.streams import SpeculativeModel
 
@@ -299,13 +299,13 @@ def test_decoding_passes_run_whole_layers_in_the_kernel_and_prompts_in_torch(ker
     calls = []
     original = kernel.LayerKernel.__call__
     monkeypatch.setattr(kernel.LayerKernel, "__call__", lambda self, x, *a, **k: calls.append(x.shape[0]) or original(self, x, *a, **k))
-    monkeypatch.setattr(kernel, "ATTENTION_ROWS", 4)
     with torch.inference_mode():
         cache = model.new_cache(16)
         model.forward(cache, torch.arange(1, 7), torch.arange(6), torch.ones(6, 6, dtype=torch.bool).tril())
         cache.advance(6)
         model.forward(cache, torch.tensor([3, 4]), torch.tensor([6, 7]), torch.ones(2, 2, dtype=torch.bool).tril())
-    assert calls == [2] * base.weights.shape.num_layers  # the 6-row prompt went to torch, the 2-row pass to the kernel
+    layers = base.weights.shape.num_layers
+    assert calls == [6] * layers + [2] * layers  # the prompt's rows, then the pass's, one call a layer
 
 
 def test_whole_layer_kernel_matches_the_layer_op_by_op(kernel, tiny_dir, monkeypatch):
@@ -325,8 +325,8 @@ def test_whole_layer_kernel_matches_the_layer_op_by_op(kernel, tiny_dir, monkeyp
     monkeypatch.setattr(kernel.LayerKernel, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     results = []
     with torch.inference_mode():
-        for rows in (96, 0):
-            monkeypatch.setattr(kernel, "ATTENTION_ROWS", rows)
+        for whole in (True, False):
+            monkeypatch.setattr(kernel, "WHOLE_LAYERS", whole)
             cache = model.new_cache(32)
             model.forward(cache, torch.arange(1, 9), torch.arange(8), torch.ones(8, 8, dtype=torch.bool).tril())
             cache.advance(8)

@@ -87,6 +87,52 @@ class PackedMatrix:
         return out.view(*x.shape[:-1], self.out_features)
 
 
+class Int8Matrix:
+    """A float32 CPU weight (N, K) as int8 with a scale per row of W (its largest magnitude over 127),
+    multiplied in AMX tiles with the rows rounded to int8 the same way: a quarter of float32's bytes,
+    logits off by about 1 % of |x| |w|. For ranking drafts only; CPUs with AMX, K a multiple of 64."""
+
+    def __init__(self, weight: torch.Tensor, library: ctypes.CDLL):
+        self.out_features, self.in_features = weight.shape
+        tiles = -(-self.out_features // TILE)
+        self.scales = torch.ones(tiles * TILE, dtype=torch.float32)
+        padded = torch.zeros(tiles * TILE, self.in_features, dtype=torch.int8)
+        self.scales[: self.out_features], padded[: self.out_features] = _int8_rows(weight.detach())
+        quads = padded.view(tiles, TILE, self.in_features // 4, 4)
+        self.packed = quads.transpose(1, 2).contiguous()  # (tiles, K / 4, 16, 4): AMX's layout
+        self._library = library
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and not (
+            torch.is_grad_enabled() and x.requires_grad)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        row_scales, rows = _int8_rows(x.reshape(-1, self.in_features))
+        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+        self._library.amx_int8_gemm(
+            rows.data_ptr(), rows.shape[0], self.in_features, self.packed.data_ptr(), row_scales.data_ptr(),
+            self.scales.data_ptr(), self.out_features, out.data_ptr(), torch.get_num_threads(),
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row as int8 times a scale: (scales (R,), int8 rows (R, K)), both contiguous."""
+    scales = matrix.abs().amax(dim=1).clamp_min(1e-30) / 127
+    return scales.contiguous(), (matrix / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+
+
+def pack_draft_head(weight: torch.Tensor) -> Int8Matrix | PackedMatrix | None:
+    """The streams' draft head for the kernel: int8 in AMX tiles where the CPU has them, else bfloat16
+    (None where the kernel does not apply)."""
+    library = _library_for(weight)
+    if library is None:
+        return None
+    if library.amx and weight.shape[1] % 64 == 0:
+        return Int8Matrix(weight, library)
+    return PackedMatrix(weight, library, bfloat16=True)
+
+
 class ExactArgmax:
     """Greedy decoding's argmax over an LM head (V, K): the same token as `argmax` of the float32
     kernel's logits, reading half the bytes. A bfloat16 copy of the head screens the columns (with the
@@ -185,7 +231,7 @@ def lora_add(x: torch.Tensor, down: PackedMatrix, up: PackedMatrix, y: torch.Ten
     """y (M, N) += up(down(x (M, K))), in place, for `fits` tensors."""
     load_library().lora_add(
         x.data_ptr(), x.shape[0], x.shape[1], down.packed.data_ptr(), down.out_features, up.packed.data_ptr(),
-        up.out_features, y.data_ptr(), torch.get_num_threads(),
+        up.out_features, y.data_ptr(), torch.get_num_threads(), int(down.bfloat16),
     )
 
 
@@ -200,7 +246,8 @@ class _LayerWeights(ctypes.Structure):
 
 
 class _LayerLora(ctypes.Structure):
-    _fields_ = [("rank", ctypes.c_int * 4), ("down", ctypes.c_void_p * 4), ("up", ctypes.c_void_p * 4)]
+    _fields_ = [("rank", ctypes.c_int * 4), ("down", ctypes.c_void_p * 4), ("up", ctypes.c_void_p * 4),
+                ("bf16", ctypes.c_int)]
 
 
 class LoraKernel:
@@ -214,6 +261,7 @@ class LoraKernel:
                 down, up = pairs[name]
                 self.struct.rank[index] = down.out_features
                 self.struct.down[index], self.struct.up[index] = down.packed.data_ptr(), up.packed.data_ptr()
+                self.struct.bf16 = int(down.bfloat16)
 
 
 class LayerKernel:
@@ -338,13 +386,14 @@ def load_library() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float]
     library.rotary.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, integer]
     wide = ctypes.c_long
-    library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer]
+    library.amx_int8_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer, pointer, integer]
+    library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer, integer]
     library.decoder_layer_rows.argtypes = [pointer, pointer, integer, pointer, pointer, integer, pointer, pointer, pointer,
                                            pointer, wide, wide, pointer, integer, pointer, integer]
     library.attend_rows.argtypes = [pointer, integer, integer, integer, integer, integer, pointer, pointer, wide, integer,
                                     pointer, ctypes.c_float, pointer, integer]
     library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
-    for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.head_argmax,
+    for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.amx_int8_gemm, library.head_argmax,
                      library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
                      library.lora_add, library.decoder_layer_rows):
         function.restype = None

@@ -113,7 +113,15 @@ def test_packed_low_rank_pairs_match_the_adapter(kernel, tiny_dir):
     with torch.inference_mode():
         plain = LoraDelta(adapter, int(layer), 2)(target, inputs, outputs.clone())
         fast = LoraDelta(adapter, int(layer), 2, packed)(target, inputs, outputs.clone())
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    # A lossless adapter's pairs are packed in bfloat16: the products of the rounded weights.
+    assert adapter.config.lossless and packed[key][0].bfloat16
+    down = adapter.lora_down[key].bfloat16().float()
+    up = (adapter.lora_up[key] * adapter.lora_scale).bfloat16().float()
+    expected = outputs.clone()
+    expected[:, 2:] += (inputs[:, 2:] @ down.T) @ up.T
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    correction = (plain - outputs)[:, 2:]
+    assert (fast - plain).abs().max() <= 0.02 * correction.abs().max()  # bfloat16 moves it by under 2 %
     assert not torch.equal(plain[:, 2:], outputs[:, 2:])  # the correction is not empty
     assert torch.equal(fast[:, :2], outputs[:, :2])  # main rows untouched
 
@@ -337,3 +345,19 @@ def test_whole_layer_kernel_matches_the_layer_op_by_op(kernel, tiny_dir, monkeyp
     assert len(calls) == 2 * base.weights.shape.num_layers  # the prompt and the tree pass, every layer
     for fused, op_by_op in zip(*results):
         torch.testing.assert_close(fused, op_by_op, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_draft_head_gives_the_products_of_the_rounded_rows_and_weights(kernel):
+    weight = torch.randn(100, 128, generator=torch.Generator().manual_seed(4))  # 100: not a multiple of 16
+    head = kernel.pack_draft_head(weight)
+    if not isinstance(head, kernel.Int8Matrix):
+        pytest.skip("int8 draft heads need AMX; this CPU keeps the bfloat16 head")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        out = head(x)
+    w_scale, w_int = kernel._int8_rows(weight)
+    x_scale, x_int = kernel._int8_rows(x)
+    exact = (x_int.double() @ w_int.double().T) * x_scale.double()[:, None] * w_scale.double()[None]
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+    reference = x @ weight.T
+    assert (out - reference).abs().max() < 0.03 * reference.abs().max()  # about 1 % of the largest logit

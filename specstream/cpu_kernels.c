@@ -254,15 +254,21 @@ int amx_ready(void) {
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
 
+/* Tile 0: M rows of 16 products (float32 or int32); tile 1: M rows of 64 bytes (32 bfloat16 or 64 int8
+ * of k); tile 2: 16 rows of 64 bytes (pairs or quads of k for 16 columns), as both dot products take them. */
+static __attribute__((target("amx-tile"))) void configure_tiles(int M) {
+    tile_config config = {0};
+    config.palette = 1;
+    config.rows[0] = M, config.bytes_per_row[0] = 64;
+    config.rows[1] = M, config.bytes_per_row[1] = 64;
+    config.rows[2] = 16, config.bytes_per_row[2] = 64;
+    _tile_loadconfig(&config);
+}
+
 static __attribute__((target("amx-tile,amx-bf16"))) void amx_block(
     const unsigned short *rows, int M, int K, const unsigned short *packed, int first_tile, int last_tile, int N,
     float *y) {
-    tile_config config = {0};
-    config.palette = 1;
-    config.rows[0] = M, config.bytes_per_row[0] = 64;   /* products: M rows x 16 float32 */
-    config.rows[1] = M, config.bytes_per_row[1] = 64;   /* rows: M x 32 bfloat16 */
-    config.rows[2] = 16, config.bytes_per_row[2] = 64;  /* weights: 16 pairs of k x 16 columns */
-    _tile_loadconfig(&config);
+    configure_tiles(M);
     float out[16 * TILE];
     for (int t = first_tile; t < last_tile; t++) {
         const unsigned short *tile = packed + (long)t * K * TILE;
@@ -297,12 +303,7 @@ void amx_gemm(const unsigned short *rows, int M, int K, const unsigned short *pa
 static __attribute__((target("amx-tile,amx-int8"))) void amx_int8_block(
     const signed char *rows, int M, int K, const signed char *packed, const float *row_scales, const float *scales,
     int first_tile, int last_tile, int N, float *y) {
-    tile_config config = {0};
-    config.palette = 1;
-    config.rows[0] = M, config.bytes_per_row[0] = 64;   /* products: M rows x 16 int32 */
-    config.rows[1] = M, config.bytes_per_row[1] = 64;   /* rows: M x 64 int8 */
-    config.rows[2] = 16, config.bytes_per_row[2] = 64;  /* weights: 16 quads of k x 16 columns */
-    _tile_loadconfig(&config);
+    configure_tiles(M);
     int out[16 * TILE];
     for (int t = first_tile; t < last_tile; t++) {
         const signed char *tile = packed + (long)t * K * TILE;

@@ -102,9 +102,7 @@ class Int8Matrix:
         self.packed = quads.transpose(1, 2).contiguous()  # (tiles, K / 4, 16, 4): AMX's layout
         self._library = library
 
-    def accepts(self, x: torch.Tensor) -> bool:
-        return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and not (
-            torch.is_grad_enabled() and x.requires_grad)
+    accepts = PackedMatrix.accepts  # the same rows: float32 on the CPU, no autograd
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         row_scales, rows = _int8_rows(x.reshape(-1, self.in_features))
@@ -270,13 +268,12 @@ class LayerKernel:
 
     def __init__(self, packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
                  kv_heads: int, head_dim: int, eps: float):
-        self._keep = (packed, input_norm, post_norm)
-        self.hidden = input_norm.shape[0]
+        self._keep = (packed, input_norm, post_norm)  # the structure points into them
         self.struct = _LayerWeights(
-            self.hidden, heads, kv_heads, head_dim, packed["down"].in_features, eps, input_norm.data_ptr(),
+            input_norm.shape[0], heads, kv_heads, head_dim, packed["down"].in_features, eps, input_norm.data_ptr(),
             post_norm.data_ptr(), (ctypes.c_void_p * 4)(*(packed[name].packed.data_ptr() for name in PROJECTIONS)),
         )
-        self.heads, self.head_dim = heads, head_dim
+        self.head_dim = head_dim
 
     def fits(self, x: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, span: int) -> bool:
         """Whether it may take rows x (R, d) with rotary tables cos (R, head_dim), this cache and bias."""
@@ -295,23 +292,31 @@ class LayerKernel:
                  first_row: int = 0) -> torch.Tensor:
         """The layer over rows x (R, d) -> (R, d), writing their keys and values into the cache (kv_heads,
         capacity, head_dim) at `slots` (a start slot, or R slot indices) and attending over [0, span)."""
-        indices = None if isinstance(slots, int) else slots.to(torch.long).contiguous()
+        start, indices = _slot_arguments(slots)
         out = torch.empty_like(x)
         load_library().decoder_layer_rows(
             ctypes.byref(self.struct), None if lora is None else ctypes.byref(lora.struct), first_row, x.data_ptr(),
             out.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            keys.stride(0), slots if indices is None else 0, None if indices is None else indices.data_ptr(), span,
+            keys.stride(0), start, None if indices is None else indices.data_ptr(), span,
             None if bias is None else bias.data_ptr(), torch.get_num_threads(),
         )
         return out
+
+
+def _slot_arguments(slots: int | torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """Cache slots as the kernels take them: (a start slot, None), or (0, slot indices as long)."""
+    if isinstance(slots, int):
+        return slots, None
+    return 0, slots.to(torch.long).contiguous()
 
 
 def layer_kernel(packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
                  kv_heads: int, head_dim: int, eps: float) -> LayerKernel | None:
     """The whole-layer kernel for these weights, or None where it does not apply (a projection not
     packed, or sizes the row kernels do not take)."""
-    hidden, ff = input_norm.shape[0], packed["down"].in_features if "down" in packed else 0
-    if set(packed) != set(PROJECTIONS) or hidden % 8 or ff % 8 or head_dim % 16 or head_dim > 256:
+    if set(packed) != set(PROJECTIONS):
+        return None
+    if input_norm.shape[0] % 8 or packed["down"].in_features % 8 or head_dim % 16 or head_dim > 256:
         return None
     if heads % kv_heads or heads // kv_heads > 64 or not fits(input_norm, post_norm):
         return None
@@ -322,9 +327,9 @@ def write_kv(qkv: torch.Tensor, heads: int, head_dim: int, keys: torch.Tensor, v
              slots: int | torch.Tensor) -> None:
     """Copy the keys and values of fused q/k/v rows qkv (R, W) into cache slots (a start slot, or R
     slot indices) of keys and values (kv_heads, capacity, head_dim)."""
-    indices = None if isinstance(slots, int) else slots.to(torch.long).contiguous()
+    start, indices = _slot_arguments(slots)
     load_library().write_kv(
-        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], heads, keys.shape[0], head_dim, slots if indices is None else 0,
+        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], heads, keys.shape[0], head_dim, start,
         None if indices is None else indices.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0),
     )
 

@@ -191,7 +191,7 @@ class SpeculativeModel:
         rotary = rotary_tables(w, positions)
         low_mask = None if count == 1 else attention_bias(mask, w.dtype)
         for layer in range(self.first_stream_layer):
-            x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, past, past + count), low_mask)
+            x = decoder_layer(w.layers[layer], self.shape, x, rotary, cache.slots(layer, past, past + count), low_mask)
         early_hidden = x[0]
         kept = select_rows(early_hidden) if select_rows else None
         kept = list(range(count)) if kept is None else kept
@@ -206,7 +206,7 @@ class SpeculativeModel:
         mask = None if not sources and count == 1 else attention_bias(mask, w.dtype)
         for layer in range(self.first_stream_layer, self.shape.num_layers):
             delta = self._delta(layer, first_adapted)
-            x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, slots, span), mask, delta)
+            x = decoder_layer(w.layers[layer], self.shape, x, rotary, cache.slots(layer, slots, span), mask, delta)
         hidden = rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
         streams = hidden[len(kept) :].view(len(sources), gamma, -1) if sources else None
         return PassOutput(kept, hidden[: len(kept)], streams, early_hidden, [kept[row] for row in sources])
@@ -217,10 +217,6 @@ class SpeculativeModel:
             return None
         index = layer - self.first_stream_layer
         return LoraDelta(self.adapter, index, first_row, self._packed_lora, self._lora_kernels.get(index))
-
-    @staticmethod
-    def _writer(cache: KVCache, layer: int, slots, span: int):
-        return cache.slots(layer, slots, span)
 
     def _stream_sources(self, which: str | list[int] | None, kept: list[int]) -> list[int]:
         """The kept rows (positions in `kept`) that carry streams."""
@@ -270,7 +266,7 @@ class SpeculativeModel:
         mask = attention_bias(stream_attention_mask(visible, [0], gamma)[1:], w.dtype)  # (gamma, length + gamma)
         for layer in range(self.first_stream_layer, self.shape.num_layers):
             delta = self._delta(layer, 0)
-            x = decoder_layer(w.layers[layer], self.shape, x, rotary, self._writer(cache, layer, length, length + gamma), mask, delta)
+            x = decoder_layer(w.layers[layer], self.shape, x, rotary, cache.slots(layer, length, length + gamma), mask, delta)
         return rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
 
     def transition_scores(self, early_hidden: torch.Tensor, tokens: list[int], parents: list[int]) -> list[float]:

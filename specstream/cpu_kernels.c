@@ -759,3 +759,16 @@ void decoder_layer_rows(const layer_weights *w, const layer_lora *lora, int firs
     free(act);
     free(out);
 }
+
+/* A run of decoder layers over the same rows in one call, x updated in place (decoder_layer_rows reads
+ * each element of its input before it writes that element of its output): a layer's call from Python
+ * cost about 70 us around 770 of arithmetic (2-core Xeon), 2 ms of a 27 ms plain pass. Layer l's keys
+ * and values start layer_stride floats after layer l - 1's; lora[l] NULL (or lora NULL) for none. */
+void decoder_layers_rows(const layer_weights *const *w, const layer_lora *const *lora, int layers, int first_row,
+                         float *x, int rows, const float *cos, const float *sin, float *keys, float *values,
+                         long layer_stride, long head_stride, long start, const long *slot, int span, const float *bias,
+                         int threads) {
+    for (int l = 0; l < layers; l++)
+        decoder_layer_rows(w[l], lora ? lora[l] : NULL, first_row, x, x, rows, cos, sin, keys + l * layer_stride,
+                           values + l * layer_stride, head_stride, start, slot, span, bias, threads);
+}

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import cpu_kernels
 from .cpu_kernels import PackedMatrix, pack
-from .kv_cache import CacheSlots
+from .kv_cache import CacheSlots, KVCache
 
 # Rotary types whose frequencies depend on the sequence length at run time; our cached
 # cos/sin table cannot follow them, so we refuse them rather than be silently wrong.
@@ -278,6 +278,45 @@ def decoder_layer(
     h = rms_norm(x, layer.post_norm, shape.rms_norm_eps)
     gate, up = _project("gate_up", h, layer, delta).chunk(2, dim=-1)
     return x + _project("down", F.silu(gate) * up, layer, delta)
+
+
+def decoder_layers(weights: LlamaWeights, layers: range, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                   cache: KVCache, slots: torch.Tensor | int, span: int, mask: torch.Tensor | None,
+                   deltas: list[Delta | None] | None = None) -> torch.Tensor:
+    """Consecutive layers of one pass over rows x (1, R, d), each writing its keys and values into
+    `cache` at `slots` and attending below `span`; deltas[i] for layers[i]. In one C call where every
+    layer takes the whole-layer kernel, else layer by layer."""
+    deltas = deltas or [None] * len(layers)
+    stack = _layer_stack(weights, layers, x, rotary, cache, span, mask, deltas)
+    if stack is not None:
+        first_row = next((delta.first_row for delta in deltas if delta is not None), 0)
+        keys, values = cache.keys[layers.start :], cache.values[layers.start :]
+        return stack(x[0], *rotary, keys, values, slots, span, mask, first_row)[None]
+    for layer, delta in zip(layers, deltas):
+        x = decoder_layer(weights.layers[layer], weights.shape, x, rotary, cache.slots(layer, slots, span), mask, delta)
+    return x
+
+
+def _layer_stack(weights: LlamaWeights, layers: range, x: torch.Tensor, rotary, cache: KVCache, span: int,
+                 mask: torch.Tensor | None, deltas: list) -> cpu_kernels.LayerStack | None:
+    """The layers as one `LayerStack` (made once per run of layers and pairs), or None where any of them
+    runs op by op (see `_layer_kernel`)."""
+    if x.shape[0] != 1 or x.device.type != "cpu" or not layers:
+        return None
+    loras = [None if delta is None else getattr(delta, "kernel", None) for delta in deltas]
+    if any(lora is None for lora, delta in zip(loras, deltas) if delta is not None):
+        return None
+    if len({delta.first_row for delta in deltas if delta is not None}) > 1:
+        return None
+    kernels = [weights.layers[layer].kernel(weights.shape) for layer in layers]
+    if None in kernels or not kernels[0].fits(x[0], rotary[0], cache.keys[layers.start, 0], mask, span):
+        return None
+    # Keyed by the objects' ids, which stay unique while the stack (holding them) is cached.
+    key = (layers.start, layers.stop, *(id(lora) for lora in loras))
+    stacks = weights.__dict__.setdefault("_stacks", {})
+    if key not in stacks:
+        stacks[key] = cpu_kernels.LayerStack(kernels, loras)
+    return stacks[key]
 
 
 def _layer_kernel(layer: LayerWeights, shape: LlamaShape, x: torch.Tensor, rotary, kv: KVFunction,

@@ -17,7 +17,7 @@ import torch
 
 from .adapter import StreamAdapter
 from .kv_cache import KVCache
-from .llama import LlamaWeights, attention_bias, decoder_layer, rms_norm, rotary_tables, with_attention_backends
+from .llama import LlamaWeights, attention_bias, decoder_layers, rms_norm, rotary_tables, with_attention_backends
 from .phrases import PhraseTable
 from . import cpu_kernels
 from .cpu_kernels import PackedMatrix, pack
@@ -190,8 +190,7 @@ class SpeculativeModel:
         x = w.embed[tokens][None]  # (1, T, d)
         rotary = rotary_tables(w, positions)
         low_mask = None if count == 1 else attention_bias(mask, w.dtype)
-        for layer in range(self.first_stream_layer):
-            x = decoder_layer(w.layers[layer], self.shape, x, rotary, cache.slots(layer, past, past + count), low_mask)
+        x = decoder_layers(w, range(self.first_stream_layer), x, rotary, cache, past, past + count, low_mask)
         early_hidden = x[0]
         kept = select_rows(early_hidden) if select_rows else None
         kept = list(range(count)) if kept is None else kept
@@ -204,19 +203,21 @@ class SpeculativeModel:
         span = mask.shape[1]
         # A single new row sees every slot: no mask is faster.
         mask = None if not sources and count == 1 else attention_bias(mask, w.dtype)
-        for layer in range(self.first_stream_layer, self.shape.num_layers):
-            delta = self._delta(layer, first_adapted)
-            x = decoder_layer(w.layers[layer], self.shape, x, rotary, cache.slots(layer, slots, span), mask, delta)
+        x = decoder_layers(w, self._stream_layers, x, rotary, cache, slots, span, mask, self._deltas(first_adapted))
         hidden = rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
         streams = hidden[len(kept) :].view(len(sources), gamma, -1) if sources else None
         return PassOutput(kept, hidden[: len(kept)], streams, early_hidden, [kept[row] for row in sources])
 
-    def _delta(self, layer: int, first_row: int) -> LoraDelta | None:
-        """The adapter's low-rank corrections at base layer `layer`, from row `first_row` on."""
+    @property
+    def _stream_layers(self) -> range:
+        return range(self.first_stream_layer, self.shape.num_layers)
+
+    def _deltas(self, first_row: int) -> list[LoraDelta | None]:
+        """The adapter's low-rank corrections at each stream layer, from row `first_row` on."""
         if self.adapter is None:
-            return None
-        index = layer - self.first_stream_layer
-        return LoraDelta(self.adapter, index, first_row, self._packed_lora, self._lora_kernels.get(index))
+            return [None] * len(self._stream_layers)
+        return [LoraDelta(self.adapter, index, first_row, self._packed_lora, self._lora_kernels.get(index))
+                for index in range(len(self._stream_layers))]
 
     def _stream_sources(self, which: str | list[int] | None, kept: list[int]) -> list[int]:
         """The kept rows (positions in `kept`) that carry streams."""
@@ -264,9 +265,7 @@ class SpeculativeModel:
         rotary = rotary_tables(w, offsets + (length - 1))
         visible = torch.ones(1, length, dtype=torch.bool, device=x.device)
         mask = attention_bias(stream_attention_mask(visible, [0], gamma)[1:], w.dtype)  # (gamma, length + gamma)
-        for layer in range(self.first_stream_layer, self.shape.num_layers):
-            delta = self._delta(layer, 0)
-            x = decoder_layer(w.layers[layer], self.shape, x, rotary, cache.slots(layer, length, length + gamma), mask, delta)
+        x = decoder_layers(w, self._stream_layers, x, rotary, cache, length, length + gamma, mask, self._deltas(0))
         return rms_norm(x[0], w.final_norm, self.shape.rms_norm_eps)
 
     def transition_scores(self, early_hidden: torch.Tensor, tokens: list[int], parents: list[int]) -> list[float]:

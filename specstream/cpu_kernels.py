@@ -105,7 +105,7 @@ class Int8Matrix:
     accepts = PackedMatrix.accepts  # the same rows: float32 on the CPU, no autograd
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        row_scales, rows = _int8_rows(x.reshape(-1, self.in_features))
+        row_scales, rows = int8_rows(x.reshape(-1, self.in_features).contiguous())
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
         self._library.amx_int8_gemm(
             rows.data_ptr(), rows.shape[0], self.in_features, self.packed.data_ptr(), row_scales.data_ptr(),
@@ -118,6 +118,24 @@ def _int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row as int8 times a scale: (scales (R,), int8 rows (R, K)), both contiguous."""
     scales = matrix.abs().amax(dim=1).clamp_min(1e-30) / 127
     return scales.contiguous(), (matrix / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+
+
+def int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_int8_rows` of contiguous float32 CPU rows in one C call (the same bits)."""
+    scales = torch.empty(matrix.shape[0], dtype=torch.float32)
+    rows = torch.empty(matrix.shape, dtype=torch.int8)
+    load_library().int8_rows(matrix.data_ptr(), matrix.shape[0], matrix.shape[1], rows.data_ptr(), scales.data_ptr())
+    return scales, rows
+
+
+def top_probabilities(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, columns), each (R, k): the k largest logits of each row of `fits` logits (R, N)
+    (k at most N and 64), best first, with their softmax probabilities over the row."""
+    rows, width = logits.shape
+    probs = torch.empty(rows, k, dtype=torch.float32)
+    columns = torch.empty(rows, k, dtype=torch.long)
+    load_library().top_probabilities(logits.data_ptr(), rows, width, k, probs.data_ptr(), columns.data_ptr())
+    return probs, columns
 
 
 def pack_draft_head(weight: torch.Tensor) -> Int8Matrix | PackedMatrix | None:
@@ -423,6 +441,8 @@ def load_library() -> ctypes.CDLL | None:
     library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer, integer]
     library.decoder_layer_rows.argtypes = [pointer, pointer, integer, pointer, pointer, integer, pointer, pointer, pointer,
                                            pointer, wide, wide, pointer, integer, pointer, integer]
+    library.int8_rows.argtypes = [pointer, integer, integer, pointer, pointer]
+    library.top_probabilities.argtypes = [pointer, integer, integer, integer, pointer, pointer]
     library.decoder_layers_rows.argtypes = [pointer, pointer, integer, integer, pointer, integer, pointer, pointer,
                                             pointer, pointer, wide, wide, wide, pointer, integer, pointer, integer]
     library.attend_rows.argtypes = [pointer, integer, integer, integer, integer, integer, pointer, pointer, wide, integer,
@@ -430,7 +450,8 @@ def load_library() -> ctypes.CDLL | None:
     library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.amx_int8_gemm, library.head_argmax,
                      library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
-                     library.lora_add, library.decoder_layer_rows, library.decoder_layers_rows):
+                     library.lora_add, library.decoder_layer_rows, library.decoder_layers_rows, library.int8_rows,
+                     library.top_probabilities):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"
     return library

@@ -374,7 +374,7 @@ def _tree_pass(
         kept[node] = True
     choice = _LazyChoices(model, out)
     path = accept_longest_path(parents, tokens, kept, choice.__getitem__)
-    cache.keep(torch.tensor(path, device=device))
+    cache.keep(path)
     deepest = path[-1]
     streams = out.streams_of(deepest)
     second_pass = streams is None

@@ -38,8 +38,13 @@ class KVCache:
         """Where one layer of a pass writes its rows and how far it reads: the `kv` of a decoder layer."""
         return CacheSlots(self, layer, slots, span)
 
-    def keep(self, offsets: torch.Tensor) -> None:
+    def keep(self, offsets: torch.Tensor | list[int]) -> None:
         """Commit the entries written at slots `length + offsets`, moved to contiguous slots."""
+        if not isinstance(offsets, torch.Tensor):
+            if offsets == list(range(len(offsets))):  # already in place (a tree's first branch)
+                self.advance(len(offsets))
+                return
+            offsets = torch.tensor(offsets)
         count = int(offsets.numel())
         source = offsets.to(self.keys.device) + self.length
         target = slice(self.length, self.length + count)

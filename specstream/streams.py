@@ -163,8 +163,11 @@ class SpeculativeModel:
     def draft_topk(self, stream_hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, token ids), each (rows, k): the k likeliest drafts of each stream row,
         over the adapter's draft vocabulary (probabilities normalised within it)."""
-        probs = torch.softmax(self._draft_logits(stream_hidden).float(), dim=-1)
-        top_probs, columns = probs.topk(k, dim=-1)
+        logits = self._draft_logits(stream_hidden)
+        if logits.dim() == 2 and k <= min(logits.shape[1], 64) and cpu_kernels.fits(logits):
+            top_probs, columns = cpu_kernels.top_probabilities(logits, k)
+        else:
+            top_probs, columns = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
         return top_probs, columns if self.draft_ids is None else self.draft_ids[columns]
 
     @with_attention_backends
@@ -198,7 +201,7 @@ class SpeculativeModel:
             x, positions, mask = x[:, kept], positions[kept], mask[kept]
         sources = self._stream_sources(stream_sources, kept)
         gamma = self.gamma if gamma is None else min(gamma, self.gamma)
-        x, rotary, mask, slots = self._add_streams(x, positions, mask, sources, gamma, kept, past)
+        x, rotary, mask, slots = self._add_streams(x, positions, mask, sources, gamma, kept, past, rotary)
         first_adapted = len(kept) if (self.adapter and self.adapter.config.lossless) else 0
         span = mask.shape[1]
         # A single new row sees every slot: no mask is faster.
@@ -230,14 +233,15 @@ class SpeculativeModel:
         wanted = set(which)
         return [row for row, node in enumerate(kept) if node in wanted]
 
-    def _add_streams(self, x, positions, mask, sources, gamma, kept, past):
-        """Append stream rows (source-major) and build the top layers' rotary, mask and slots."""
+    def _add_streams(self, x, positions, mask, sources, gamma, kept, past, rotary):
+        """Append stream rows (source-major) and build the top layers' rotary, mask and slots
+        (`rotary`: the main rows' before pruning)."""
         device, block = x.device, mask.shape[1] - past
         pruned = len(kept) < block
         # Unpruned rows and the stream scratch rows after them are contiguous: a slice write is cheaper.
         slots = torch.tensor(kept, device=device) + past if pruned else past
         if not sources:
-            return x, rotary_tables(self.weights, positions), mask, slots
+            return x, rotary if not pruned else rotary_tables(self.weights, positions), mask, slots
         embeddings = self.adapter.stream_identity(gamma)  # (gamma, d)
         streams = (x[0, sources][:, None, :] + embeddings[None]).reshape(1, -1, x.shape[-1])
         offsets = torch.arange(1, gamma + 1, device=device)

@@ -109,13 +109,12 @@ def build_tree(
 
 def tree_attention_mask(parents: list[int], device=None) -> torch.Tensor:
     """(T, T) bool: node i may attend to node j iff j is i itself or one of its ancestors."""
-    size = len(parents)
-    mask = torch.zeros(size, size, dtype=torch.bool)
+    rows: list[list[bool]] = []  # in Python: a torch op per node cost more than the list work
     for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] = mask[parent]
-        mask[i, i] = True
-    return mask.to(device)
+        row = list(rows[parent]) if parent >= 0 else [False] * len(parents)
+        row[i] = True
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool, device=device)
 
 
 def likely_ends(parents: list[int], acceptance: list[float], least: float) -> list[int]:

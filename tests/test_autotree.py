@@ -7,7 +7,7 @@ import pytest
 from specstream import costs, decoding
 from specstream.autotree import (
     EXPLORE_DEPTH_EVERY, EXPLORE_EVERY, REPLAN_EVERY, AcceptanceStats, CopiedStats, LookupStats, PassTimes, TreePlanner, choose,
-    choose_depth, expected_tokens, lookup_length,
+    choose_depth, expected_tokens, expected_tokens_by_budget, lookup_length,
 )
 from specstream.costs import PassCosts
 from specstream.decoding import DecodeSettings, plain_decode, specstream_decode
@@ -33,6 +33,17 @@ def test_expected_tokens_adds_path_products_best_first():
     assert expected_tokens(stats, (2, 2), 3) == pytest.approx(1.75)
     assert expected_tokens(stats, (2, 2), 99) == pytest.approx(1 + 0.7 + 0.7 * 0.6)
     assert expected_tokens(stats, (1,), 99) == pytest.approx(1.5)  # top-k limits the tree
+
+
+def test_one_expansion_gives_every_budget():
+    """The planner prices every tree size from one best-first expansion: the same as one per size."""
+    stats = stats_with([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    top_k = (3, 2, 2)  # a tree of 3 + 6 + 12 = 21 drafted nodes
+    by_budget = expected_tokens_by_budget(stats, top_k, 40)
+    assert len(by_budget) == 41 and by_budget[:2] == [1.0, 1.0]  # budgets 0 and 1: the root alone
+    assert by_budget == pytest.approx([1.0] + [expected_tokens(stats, top_k, budget) for budget in range(1, 41)])
+    assert by_budget[22:] == [by_budget[22]] * 19  # past the whole tree nothing more
+    assert by_budget[22] == pytest.approx(1 + 0.9 + 0.9 * 0.7 + 0.9 * 0.7 * 0.6)
 
 
 def test_budget_follows_the_cost_of_a_pass():

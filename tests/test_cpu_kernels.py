@@ -365,3 +365,20 @@ def test_int8_draft_head_gives_the_products_of_the_rounded_rows_and_weights(kern
     torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
     reference = x @ weight.T
     assert (out - reference).abs().max() < 0.03 * reference.abs().max()  # about 1 % of the largest logit
+
+
+def test_int8_rows_in_c_round_as_torch_does(kernel):
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(8)) * torch.tensor([1.0, 1e-3, 50.0, 0.0, 1.0])[:, None]
+    x[4, 7] = 127.5 / 127 * x[4].abs().max()  # halves that round to even
+    scales, rows = kernel.int8_rows(x)
+    torch_scales, torch_rows = kernel._int8_rows(x)
+    assert torch.equal(scales, torch_scales) and torch.equal(rows, torch_rows)
+
+
+def test_top_probabilities_are_softmax_then_top_k(kernel):
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(9)) * 4
+    logits[1, 500] = logits[1, 20] = 40.0  # a tie: the lower column first, as the drafts rank it
+    probs, columns = kernel.top_probabilities(logits, 6)
+    expected_probs, expected_columns = torch.softmax(logits.double(), dim=-1).topk(6, dim=-1)
+    assert torch.equal(columns[[0, 2]], expected_columns[[0, 2]]) and columns[1, :2].tolist() == [20, 500]
+    torch.testing.assert_close(probs.double(), expected_probs, rtol=1e-5, atol=1e-7)

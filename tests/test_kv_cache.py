@@ -1,5 +1,6 @@
 """The KV cache after keeping an accepted path equals the cache from re-encoding the kept sequence."""
 
+import pytest
 import torch
 
 from specstream.kv_cache import KVCache
@@ -17,7 +18,9 @@ def encode(model, tokens):
     return cache
 
 
-def test_keep_accepted_path_equals_reencoding(tiny_base):
+@pytest.mark.parametrize("path, as_list", [([0, 1, 3, 5], False), ([0, 1, 3, 5], True), ([0, 1], True)])
+def test_keep_accepted_path_equals_reencoding(tiny_base, path, as_list):
+    """Also as a list, where a path already in place ([0, 1]: the tree's first branch) moves nothing."""
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 0))
     prompt = [1, 8, 9, 10]
     parents = [-1, 0, 0, 1, 1, 3, 2]
@@ -28,8 +31,7 @@ def test_keep_accepted_path_equals_reencoding(tiny_base):
         model.forward(
             cache, torch.tensor(tokens), torch.tensor(depths) + len(prompt), tree_attention_mask(parents), stream_sources="all"
         )
-        path = [0, 1, 3, 5]
-        cache.keep(torch.tensor(path))
+        cache.keep(path if as_list else torch.tensor(path))
         expected = encode(model, prompt + [tokens[i] for i in path])
     assert cache.length == expected.length == len(prompt) + len(path)
     n = cache.length

@@ -332,7 +332,7 @@ class LayerStack:
         self._structs = (ctypes.c_void_p * len(kernels))(*(ctypes.addressof(k.struct) for k in kernels))
         self._loras = None
         if any(loras):
-            self._loras = (ctypes.c_void_p * len(loras))(*(None if l is None else ctypes.addressof(l.struct) for l in loras))
+            self._loras = (ctypes.c_void_p * len(loras))(*(None if lora is None else ctypes.addressof(lora.struct) for lora in loras))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  slots: int | torch.Tensor, span: int, bias: torch.Tensor | None, first_row: int = 0) -> torch.Tensor:

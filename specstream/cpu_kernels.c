@@ -705,6 +705,83 @@ static void silu_mul(const float *both, float *y, int rows, int ff) {
     }
 }
 
+/* Weights that are exactly 4-bit codes per 32 k of a column, w = d * q + m with q in 0..15 (as a GGUF
+ * Q4_1 weight de-quantizes: SmolLM2's body is), read as those codes: 5/32 of float32's bytes. Each weight
+ * is rebuilt exactly (one fused multiply-add: d * q needs 15 bits, so d * q + m rounds once as the
+ * de-quantizer's float32 arithmetic did), then multiplied in the float32 kernel's own sequence of fused
+ * multiply-adds over k from zero: the same bits as small_gemm on the de-quantized weights. `codes`
+ * (tiles, K / 2, 16) bytes, k even in the low nibble and k + 1 in the high; `scales` (tiles, K / 32, 2, 16)
+ * float32, d then m. AVX-512; K a multiple of 32. */
+#define Q4_ROWS 8
+
+static inline __attribute__((always_inline, target("avx512f"))) void q4_tiles(
+    int tiles, int rows, const float *x, int K, const unsigned char *codes, const float *scales, float *out) {
+    __m512 acc[2][Q4_ROWS];
+    const __m512i low = _mm512_set1_epi32(15);
+    long tile_codes = (long)K / 2 * TILE, tile_scales = (long)K / 32 * 2 * TILE;
+    for (int t = 0; t < tiles; t++)
+        for (int m = 0; m < rows; m++) acc[t][m] = _mm512_setzero_ps();
+    for (int block = 0; block < K / 32; block++) {
+        __m512 d[2], offset[2];
+        for (int t = 0; t < tiles; t++) {
+            const float *scale = scales + t * tile_scales + block * 2 * TILE;
+            d[t] = _mm512_loadu_ps(scale);
+            offset[t] = _mm512_loadu_ps(scale + TILE);
+            const char *next = (const char *)(codes + (t + tiles) * tile_codes + block * 16 * TILE);
+            for (int line = 0; line < 256; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+        }
+        for (int pair = 16 * block; pair < 16 * block + 16; pair++) {
+            for (int t = 0; t < tiles; t++) {
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + t * tile_codes + (long)pair * TILE)));
+                __m512 even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d[t], offset[t]);
+                __m512 odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d[t], offset[t]);
+                for (int m = 0; m < rows; m++) {
+                    acc[t][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(long)m * K + 2 * pair]), even, acc[t][m]);
+                    acc[t][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(long)m * K + 2 * pair + 1]), odd, acc[t][m]);
+                }
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int t = 0; t < tiles; t++) _mm512_storeu_ps(out + (long)m * 2 * TILE + t * TILE, acc[t][m]);
+}
+
+#define CASE_Q4(n) case n: q4_tiles(tiles, n, x, K, codes, scales, out); break;
+static __attribute__((target("avx512f"))) void q4_block(int tiles, int rows, const float *x, int K,
+                                                        const unsigned char *codes, const float *scales, float *out) {
+    /* both tile counts and every row count as constants, so the accumulators stay in registers */
+    if (tiles == 2) {
+        switch (rows) {
+            CASE_Q4(1) CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5) CASE_Q4(6) CASE_Q4(7)
+            default: q4_tiles(2, Q4_ROWS, x, K, codes, scales, out); break;
+        }
+    } else {
+        switch (rows) {
+            CASE_Q4(1) CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5) CASE_Q4(6) CASE_Q4(7)
+            default: q4_tiles(1, Q4_ROWS, x, K, codes, scales, out); break;
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) @ W^T for 4-bit weights as above; two tiles a step (a row's multiply-adds
+ * form one dependency chain per tile: one tile alone would wait on their latency). */
+void q4_gemm(const float *x, int M, int K, const unsigned char *codes, const float *scales, int N, float *y, int threads) {
+    int tiles = (N + TILE - 1) / TILE, steps = (tiles + 1) / 2;
+    long tile_codes = (long)K / 2 * TILE, tile_scales = (long)K / 32 * 2 * TILE;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int step = 0; step < steps; step++) {
+        int first = 2 * step, count = tiles - first < 2 ? tiles - first : 2;
+        int columns = N - TILE * first < TILE * count ? N - TILE * first : TILE * count;
+        float out[Q4_ROWS * 2 * TILE];
+        for (int row = 0; row < M; row += Q4_ROWS) {
+            int rows = M - row < Q4_ROWS ? M - row : Q4_ROWS;
+            q4_block(count, rows, x + (long)row * K, K, codes + first * tile_codes, scales + first * tile_scales, out);
+            for (int m = 0; m < rows; m++)
+                memcpy(y + (long)(row + m) * N + TILE * first, out + (long)m * 2 * TILE, columns * sizeof(float));
+        }
+    }
+}
+
 /* One Llama decoder layer over a decoding pass's rows, in one call: the dozen torch ops and kernel
  * calls of a layer cost about 100 us of dispatch a layer (3 ms of a 33 ms pass, 2-core Xeon). */
 typedef struct {
@@ -712,6 +789,8 @@ typedef struct {
     float eps;
     const float *input_norm, *post_norm;
     const float *projection[4]; /* q/k/v, o, gate/up, down, packed as small_gemm takes them */
+    const unsigned char *codes[4]; /* the same as 4-bit codes for q4_gemm, or NULL */
+    const float *scales[4];
 } layer_weights;
 
 /* Low-rank corrections of the same four projections (rank 0: none), for rows first_row and after. */
@@ -723,7 +802,10 @@ typedef struct {
 
 static void project(const layer_weights *w, const layer_lora *lora, int which, const float *x, int rows, int K, int N,
                     float *y, int first_row, int threads) {
-    small_gemm(x, rows, K, w->projection[which], N, y, threads);
+    if (w->codes[which])
+        q4_gemm(x, rows, K, w->codes[which], w->scales[which], N, y, threads);
+    else
+        small_gemm(x, rows, K, w->projection[which], N, y, threads);
     if (lora && lora->rank[which] && first_row < rows)
         lora_add(x + (long)first_row * K, rows - first_row, K, lora->down[which], lora->rank[which], lora->up[which], N,
                  y + (long)first_row * N, threads, lora->bf16);

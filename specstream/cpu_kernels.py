@@ -114,6 +114,51 @@ class Int8Matrix:
         return out.view(*x.shape[:-1], self.out_features)
 
 
+class Q4Matrix:
+    """A float32 CPU weight (N, K) whose every value is exactly d * q + m with q in 0..15 and d, m one pair
+    per 32 k of a row (a GGUF Q4_1 weight de-quantized), kept as those codes for `q4_gemm`: 5/32 of the
+    bytes, the same products bit for bit."""
+
+    BLOCK = 32
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+        """codes (N, K) uint8 in 0..15; scale and offset (N, K / 32) float32."""
+        (self.out_features, self.in_features), tiles = codes.shape, -(-codes.shape[0] // TILE)
+        padded = codes.new_zeros(tiles * TILE, self.in_features)
+        padded[: self.out_features] = codes
+        pairs = padded[:, 0::2] | (padded[:, 1::2] << 4)  # (N', K / 2): k even low, k + 1 high
+        self.codes = pairs.view(tiles, TILE, -1).transpose(1, 2).contiguous()  # (tiles, K / 2, 16)
+        both = torch.zeros(tiles * TILE, 2, scale.shape[1], dtype=torch.float32)
+        both[: self.out_features, 0], both[: self.out_features, 1] = scale, offset
+        self.scales = both.view(tiles, TILE, 2, -1).permute(0, 3, 2, 1).contiguous()  # (tiles, K / 32, 2, 16)
+
+
+def q4_matrix(weight: torch.Tensor) -> Q4Matrix | None:
+    """The weight as 4-bit codes where every value is exactly one (checked value by value) and the CPU has
+    AVX-512; else None."""
+    rows, width = weight.shape if weight.dim() == 2 else (0, 0)
+    if _library_for(weight) is None or width % Q4Matrix.BLOCK or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    blocks = weight.detach().view(rows, width // Q4Matrix.BLOCK, Q4Matrix.BLOCK)
+    offset, top = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    # Q4_1 maps a block's least value to 0 and its greatest to 15, so m is the least value and d, a
+    # half-precision number, is within a unit in the last place of (greatest - least) / 15.
+    estimate = ((top.double() - offset.double()) / 15).half()
+    found = torch.zeros_like(offset, dtype=torch.bool)
+    scale, codes = torch.zeros_like(offset), torch.zeros_like(blocks, dtype=torch.uint8)
+    for step in (0, 1, -1):
+        candidate = (estimate.view(torch.int16) + step).view(torch.float16).float()
+        candidate = torch.where(top > offset, candidate, torch.zeros_like(candidate))
+        safe = torch.where(candidate > 0, candidate, torch.ones_like(candidate))[..., None]
+        q = torch.round((blocks - offset[..., None]) / safe).clamp(0, 15)
+        exact = ((q * candidate[..., None] + offset[..., None]) == blocks).all(dim=-1) & ~found
+        scale, codes = torch.where(exact, candidate, scale), torch.where(exact[..., None], q.to(torch.uint8), codes)
+        found |= exact
+    if not bool(found.all()):
+        return None
+    return Q4Matrix(codes.view(rows, width), scale, offset)
+
+
 def _int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row as int8 times a scale: (scales (R,), int8 rows (R, K)), both contiguous."""
     scales = matrix.abs().amax(dim=1).clamp_min(1e-30) / 127
@@ -241,6 +286,10 @@ def rotary(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin:
 
 # False runs decoder layers op by op in torch even where the whole-layer kernel applies (tests, A/B).
 WHOLE_LAYERS = True
+# Whether the whole-layer kernel reads weights that are exact 4-bit codes (Q4Matrix) as those codes. Off by
+# default: it makes plain decoding about twice as fast on a 2-core Xeon but a tree's rows cost their
+# arithmetic, so speculation gains far less there (README). SPECSTREAM_EXACT_4BIT=1 turns it on.
+EXACT_4BIT = os.environ.get("SPECSTREAM_EXACT_4BIT") == "1"
 
 
 def lora_add(x: torch.Tensor, down: PackedMatrix, up: PackedMatrix, y: torch.Tensor) -> None:
@@ -258,7 +307,8 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down")
 class _LayerWeights(ctypes.Structure):
     _fields_ = [("d", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
                 ("ff", ctypes.c_int), ("eps", ctypes.c_float), ("input_norm", ctypes.c_void_p),
-                ("post_norm", ctypes.c_void_p), ("projection", ctypes.c_void_p * 4)]
+                ("post_norm", ctypes.c_void_p), ("projection", ctypes.c_void_p * 4), ("codes", ctypes.c_void_p * 4),
+                ("scales", ctypes.c_void_p * 4)]
 
 
 class _LayerLora(ctypes.Structure):
@@ -285,11 +335,14 @@ class LayerKernel:
     layer in one call (its dozen torch ops and kernel calls cost about 100 us of dispatch a layer)."""
 
     def __init__(self, packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
-                 kv_heads: int, head_dim: int, eps: float):
-        self._keep = (packed, input_norm, post_norm)  # the structure points into them
+                 kv_heads: int, head_dim: int, eps: float, codes: dict[str, Q4Matrix] | None = None):
+        codes = codes or {}
+        self._keep = (packed, input_norm, post_norm, codes)  # the structure points into them
         self.struct = _LayerWeights(
             input_norm.shape[0], heads, kv_heads, head_dim, packed["down"].in_features, eps, input_norm.data_ptr(),
             post_norm.data_ptr(), (ctypes.c_void_p * 4)(*(packed[name].packed.data_ptr() for name in PROJECTIONS)),
+            (ctypes.c_void_p * 4)(*(codes[name].codes.data_ptr() if name in codes else None for name in PROJECTIONS)),
+            (ctypes.c_void_p * 4)(*(codes[name].scales.data_ptr() if name in codes else None for name in PROJECTIONS)),
         )
         self.head_dim = head_dim
 
@@ -357,7 +410,7 @@ def _slot_arguments(slots: int | torch.Tensor) -> tuple[int, torch.Tensor | None
 
 
 def layer_kernel(packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
-                 kv_heads: int, head_dim: int, eps: float) -> LayerKernel | None:
+                 kv_heads: int, head_dim: int, eps: float, codes: dict[str, Q4Matrix] | None = None) -> LayerKernel | None:
     """The whole-layer kernel for these weights, or None where it does not apply (a projection not
     packed, or sizes the row kernels do not take)."""
     if set(packed) != set(PROJECTIONS):
@@ -366,7 +419,7 @@ def layer_kernel(packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post
         return None
     if heads % kv_heads or heads // kv_heads > 64 or not fits(input_norm, post_norm):
         return None
-    return LayerKernel(packed, input_norm, post_norm, heads, kv_heads, head_dim, eps)
+    return LayerKernel(packed, input_norm, post_norm, heads, kv_heads, head_dim, eps, codes)
 
 
 def write_kv(qkv: torch.Tensor, heads: int, head_dim: int, keys: torch.Tensor, values: torch.Tensor,
@@ -441,6 +494,7 @@ def load_library() -> ctypes.CDLL | None:
     library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer, integer]
     library.decoder_layer_rows.argtypes = [pointer, pointer, integer, pointer, pointer, integer, pointer, pointer, pointer,
                                            pointer, wide, wide, pointer, integer, pointer, integer]
+    library.q4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer, integer]
     library.int8_rows.argtypes = [pointer, integer, integer, pointer, pointer]
     library.top_probabilities.argtypes = [pointer, integer, integer, integer, pointer, pointer]
     library.decoder_layers_rows.argtypes = [pointer, pointer, integer, integer, pointer, integer, pointer, pointer,
@@ -450,7 +504,7 @@ def load_library() -> ctypes.CDLL | None:
     library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.amx_int8_gemm, library.head_argmax,
                      library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
-                     library.lora_add, library.decoder_layer_rows, library.decoder_layers_rows, library.int8_rows,
+                     library.lora_add, library.decoder_layer_rows, library.decoder_layers_rows, library.int8_rows, library.q4_gemm,
                      library.top_probabilities):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"

@@ -79,12 +79,18 @@ class LayerWeights:
         packed = {name: pack(getattr(self, name)) for name in PROJECTIONS}
         return {name: matrix for name, matrix in packed.items() if matrix is not None}
 
+    @cached_property
+    def codes(self) -> dict[str, cpu_kernels.Q4Matrix]:
+        """The projections that are exact 4-bit codes, as those codes (see `cpu_kernels.Q4Matrix`)."""
+        codes = {name: cpu_kernels.q4_matrix(getattr(self, name)) for name in PROJECTIONS}
+        return {name: matrix for name, matrix in codes.items() if matrix is not None}
+
     def kernel(self, shape: LlamaShape) -> cpu_kernels.LayerKernel | None:
         """The whole-layer CPU kernel over these weights (None where it does not apply), made once."""
         if "_kernel" not in self.__dict__:
             self.__dict__["_kernel"] = cpu_kernels.layer_kernel(
                 self.packed, self.input_norm, self.post_norm, shape.num_heads, shape.num_kv_heads, shape.head_dim,
-                shape.rms_norm_eps,
+                shape.rms_norm_eps, self.codes if cpu_kernels.EXACT_4BIT else None,
             )
         return self.__dict__["_kernel"]
 
@@ -116,7 +122,10 @@ class LlamaWeights:
     def matmul(self) -> str:
         """Which code multiplies by the weights ("small-row kernel" or "torch"), for the page, the
         benchmark's JSON and the pass-cost tables."""
-        return "small-row kernel" if self.layers[0].packed else "torch"
+        if not self.layers[0].packed:
+            return "torch"
+        exact_4bit = cpu_kernels.EXACT_4BIT and self.layers[0].codes
+        return "small-row kernel, exact 4-bit weights" if exact_4bit else "small-row kernel"
 
     @cached_property
     def packed_head(self) -> PackedMatrix | None:

@@ -382,3 +382,66 @@ def test_top_probabilities_are_softmax_then_top_k(kernel):
     expected_probs, expected_columns = torch.softmax(logits.double(), dim=-1).topk(6, dim=-1)
     assert torch.equal(columns[[0, 2]], expected_columns[[0, 2]]) and columns[1, :2].tolist() == [20, 500]
     torch.testing.assert_close(probs.double(), expected_probs, rtol=1e-5, atol=1e-7)
+
+
+def q4_like(weight: torch.Tensor) -> torch.Tensor:
+    """The weight rounded as GGUF's Q4_1 does (per 32 k: least value m and d = span / 15, both half
+    precision; q = round((w - m) / d)) and de-quantized in float32, as the default model's body is."""
+    rows, width = weight.shape
+    blocks = weight.view(rows, width // 32, 32)
+    least, span = blocks.amin(-1), blocks.amax(-1) - blocks.amin(-1)
+    d, m = (span / 15).half().float(), least.half().float()
+    q = torch.where(d[..., None] > 0, (blocks - least[..., None]) / d[..., None].clamp_min(1e-30) + 0.5, 0).floor().clamp(0, 15)
+    return (q * d[..., None] + m[..., None]).view(rows, width)
+
+
+def test_exact_4bit_weights_give_the_float32_kernels_bits(kernel):
+    weight = q4_like(torch.randn(40, 96, generator=torch.Generator().manual_seed(12)))  # 40 rows: 3 tiles, one short
+    codes = kernel.q4_matrix(weight)
+    if codes is None:
+        assert torch.backends.cpu.get_cpu_capability() != "AVX512"
+        pytest.skip("4-bit codes need AVX-512")
+    library = kernel.load_library()
+    for rows in (1, 2, 7, 8, 9, 17):
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        out = torch.empty(rows, 40)
+        library.q4_gemm(x.data_ptr(), rows, 96, codes.codes.data_ptr(), codes.scales.data_ptr(), 40, out.data_ptr(), 2)
+        assert torch.equal(out, kernel.pack(weight)(x))
+
+
+def test_weights_that_are_not_exact_4bit_codes_are_not_read_as_codes(kernel):
+    weight = q4_like(torch.randn(32, 64, generator=torch.Generator().manual_seed(13)))
+    if kernel.q4_matrix(weight) is None:
+        pytest.skip("4-bit codes need AVX-512")
+    weight[5, 7] = torch.nextafter(weight[5, 7], torch.tensor(1.0))  # one weight off by one unit
+    assert kernel.q4_matrix(weight) is None
+    assert kernel.q4_matrix(torch.randn(32, 64)) is None
+
+
+def test_a_model_with_4bit_weights_decodes_the_same_bits_either_way(kernel, tiny_dir, monkeypatch):
+    from specstream.loading import load_base_model
+    from specstream.streams import SpeculativeModel
+
+    from .conftest import random_adapter
+
+    base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
+    for layer in base.weights.layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(layer, name, q4_like(getattr(layer, name)))
+    if not all(len(layer.codes) == 4 for layer in base.weights.layers):
+        pytest.skip("4-bit codes need AVX-512")
+    model = SpeculativeModel(base.weights, random_adapter(base, seed=6).float())
+    results = []
+    with torch.inference_mode():
+        for exact in (False, True):
+            monkeypatch.setattr(kernel, "EXACT_4BIT", exact)
+            for layer in base.weights.layers:
+                layer.__dict__.pop("_kernel", None)
+            base.weights.__dict__.pop("_stacks", None)
+            cache = model.new_cache(32)
+            out = model.forward(cache, torch.arange(1, 9), torch.arange(8), torch.ones(8, 8, dtype=torch.bool).tril(),
+                                stream_sources="all")
+            results.append((out.main_hidden, out.stream_hidden, cache.keys.clone()))
+    assert "4-bit" in base.weights.matmul
+    for plain_weights, codes in zip(*results):
+        assert torch.equal(plain_weights, codes)

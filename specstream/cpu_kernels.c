@@ -731,14 +731,16 @@ static inline __attribute__((always_inline, target("avx512f"))) void q4_tiles(
             for (int line = 0; line < 256; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
         }
         for (int pair = 16 * block; pair < 16 * block + 16; pair++) {
+            __m512 even[2], odd[2];
             for (int t = 0; t < tiles; t++) {
                 __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + t * tile_codes + (long)pair * TILE)));
-                __m512 even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d[t], offset[t]);
-                __m512 odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d[t], offset[t]);
-                for (int m = 0; m < rows; m++) {
-                    acc[t][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(long)m * K + 2 * pair]), even, acc[t][m]);
-                    acc[t][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(long)m * K + 2 * pair + 1]), odd, acc[t][m]);
-                }
+                even[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d[t], offset[t]);
+                odd[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d[t], offset[t]);
+            }
+            for (int m = 0; m < rows; m++) {  /* each x broadcast once for both tiles */
+                __m512 first = _mm512_set1_ps(x[(long)m * K + 2 * pair]), second = _mm512_set1_ps(x[(long)m * K + 2 * pair + 1]);
+                for (int t = 0; t < tiles; t++)
+                    acc[t][m] = _mm512_fmadd_ps(second, odd[t], _mm512_fmadd_ps(first, even[t], acc[t][m]));
             }
         }
     }
@@ -746,21 +748,19 @@ static inline __attribute__((always_inline, target("avx512f"))) void q4_tiles(
         for (int t = 0; t < tiles; t++) _mm512_storeu_ps(out + (long)m * 2 * TILE + t * TILE, acc[t][m]);
 }
 
-#define CASE_Q4(n) case n: q4_tiles(tiles, n, x, K, codes, scales, out); break;
+#define CASE_Q4(t, n) case n: q4_tiles(t, n, x, K, codes, scales, out); break;
+#define SWITCH_Q4(t)                                                                                   \
+    switch (rows) {                                                                                   \
+        CASE_Q4(t, 1) CASE_Q4(t, 2) CASE_Q4(t, 3) CASE_Q4(t, 4) CASE_Q4(t, 5) CASE_Q4(t, 6) CASE_Q4(t, 7) \
+        default: q4_tiles(t, Q4_ROWS, x, K, codes, scales, out); break;                               \
+    }
 static __attribute__((target("avx512f"))) void q4_block(int tiles, int rows, const float *x, int K,
                                                         const unsigned char *codes, const float *scales, float *out) {
     /* both tile counts and every row count as constants, so the accumulators stay in registers */
-    if (tiles == 2) {
-        switch (rows) {
-            CASE_Q4(1) CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5) CASE_Q4(6) CASE_Q4(7)
-            default: q4_tiles(2, Q4_ROWS, x, K, codes, scales, out); break;
-        }
-    } else {
-        switch (rows) {
-            CASE_Q4(1) CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5) CASE_Q4(6) CASE_Q4(7)
-            default: q4_tiles(1, Q4_ROWS, x, K, codes, scales, out); break;
-        }
-    }
+    if (tiles == 2)
+        SWITCH_Q4(2)
+    else
+        SWITCH_Q4(1)
 }
 
 /* y (M, N) = x (M, K) @ W^T for 4-bit weights as above; two tiles a step (a row's multiply-adds

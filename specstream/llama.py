@@ -335,12 +335,18 @@ def _layer_stack(weights: LlamaWeights, layers: range, x: torch.Tensor, rotary, 
     kernels = [weights.layers[layer].kernel(weights.shape) for layer in layers]
     if None in kernels or not kernels[0].fits(x[0], rotary[0], cache.keys[layers.start, 0], mask, span):
         return None
-    # Keyed by the objects' ids, which stay unique while the stack (holding them) is cached.
+    # Keyed by the objects' ids, which stay unique while the stack (holding them) is cached; the oldest
+    # go first, so adapters swapped in and out of a running app do not stay alive through it.
     key = (layers.start, layers.stop, *(id(lora) for lora in loras))
     stacks = weights.__dict__.setdefault("_stacks", {})
     if key not in stacks:
+        if len(stacks) >= MAX_LAYER_STACKS:
+            stacks.pop(next(iter(stacks)))
         stacks[key] = cpu_kernels.LayerStack(kernels, loras)
     return stacks[key]
+
+
+MAX_LAYER_STACKS = 8  # per base model: the layers below the streams and the stream layers per adapter
 
 
 def _layer_kernel(layer: LayerWeights, shape: LlamaShape, x: torch.Tensor, rotary, kv: KVFunction,

@@ -445,3 +445,29 @@ def test_a_model_with_4bit_weights_decodes_the_same_bits_either_way(kernel, tiny
     assert "4-bit" in base.weights.matmul
     for plain_weights, codes in zip(*results):
         assert torch.equal(plain_weights, codes)
+
+
+def test_layer_stacks_of_replaced_adapters_are_let_go(kernel, tiny_dir):
+    """Each adapter's stream layers get their own stack; a running app that swaps adapters must not keep
+    every old adapter's packed pairs alive through the cache."""
+    import gc
+    import weakref
+
+    from specstream import llama
+    from specstream.loading import load_base_model
+    from specstream.streams import SpeculativeModel
+
+    from .conftest import random_adapter
+
+    base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
+    first = SpeculativeModel(base.weights, random_adapter(base, seed=7).float())
+    alive = weakref.ref(next(iter(first._lora_kernels.values())))
+    with torch.inference_mode():
+        for seed in range(llama.MAX_LAYER_STACKS + 1):
+            model = first if seed == 0 else SpeculativeModel(base.weights, random_adapter(base, seed=seed).float())
+            model.forward(model.new_cache(8), torch.arange(1, 4), torch.arange(3), torch.ones(3, 3, dtype=torch.bool).tril(),
+                          stream_sources="last")
+    assert len(base.weights.__dict__["_stacks"]) <= llama.MAX_LAYER_STACKS
+    del first, model
+    gc.collect()
+    assert alive() is None

@@ -14,7 +14,10 @@ bound cannot rule out. Attention over the KV cache (`attend_rows`) took 80 micro
 torch for one row; in C about 20, and a row's result depends only on the keys it sees, so a tree node's
 attention is the same bits as plain decoding's at that token. Last, `decoder_layer_rows` runs a whole
 layer (with the stream adapter's low-rank pairs) in one call: the dozen calls and torch ops between
-the matmuls cost about 100 microseconds a layer, and plain decoding went from 25.5 to 34.3 tokens/s.
+the matmuls cost about 100 microseconds a layer, and plain decoding went from 25.5 to 34.3 tokens/s;
+`decoder_layers_rows` then takes a run of layers per call (about 70 microseconds a layer from Python).
+Opt-in (`SPECSTREAM_EXACT_4BIT=1`), `q4_gemm` reads weights that are exact 4-bit codes (a GGUF Q4_1
+body) as those codes, with the float32 path's bits.
 
 They are built with the system's C compiler at first use and cached on disk. Where that is impossible
 (no compiler, no AVX2, another architecture, `SPECSTREAM_CPU_KERNELS=0`) `pack` returns None,

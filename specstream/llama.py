@@ -212,6 +212,9 @@ def rotary_frequencies(config) -> tuple[torch.Tensor, float]:
 # Up to this context, rotary_tables reads rows of cos and sin made once for every position (4 MB for
 # SmolLM2's 8192): a pass's eight small ops to compute them cost ~0.2 ms on a 2-core Xeon.
 ROTARY_TABLE_POSITIONS = 32768
+# The table also covers this many positions past the context: a reply that ends at the context's last
+# position still drafts nodes and streams beyond it (at most a node budget and a copied branch deep).
+ROTARY_TABLE_SPARE = 512
 
 
 def rotary_tables(weights: LlamaWeights, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +223,7 @@ def rotary_tables(weights: LlamaWeights, positions: torch.Tensor) -> tuple[torch
         return _rotary(weights, positions)
     tables = weights.__dict__.get("_rotary_tables")
     if tables is None:
-        every = torch.arange(weights.shape.max_positions, device=weights.inv_freq.device)
+        every = torch.arange(weights.shape.max_positions + ROTARY_TABLE_SPARE, device=weights.inv_freq.device)
         tables = weights.__dict__["_rotary_tables"] = _rotary(weights, every)
     return tables[0][positions], tables[1][positions]
 

@@ -114,6 +114,25 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_base):
             next(decode(model, [], DecodeSettings(max_new_tokens=10)))
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_drafts_past_the_context_end_are_positioned_too(tiny_dir, dtype):
+    """A reply that ends at the context's last position drafts nodes (and streams) past it; their
+    rotary positions are beyond the model's context but must not fail (float32: the CPU kernels' path)."""
+    from specstream.loading import load_base_model
+
+    base = load_base_model(str(tiny_dir), device="cpu", dtype=dtype)
+    model = SpeculativeModel(base.weights, random_adapter(base, 0).to(getattr(torch, dtype)))
+    prompt = [7, 8, 9, 10] * 62  # 248 tokens of a repeated phrase: long copied branches
+    settings = DecodeSettings(max_new_tokens=8, tree="fixed", node_budget=16, lookup_tokens=16, stop_at_eos=False)
+    plain, spec = decode_both(model, prompt, settings)
+    assert tokens_of(plain) == tokens_of(spec) and len(tokens_of(spec)) == 8
+    # No draft can reach past the rotary table's spare positions: a chain of every node, then a copied branch.
+    from specstream.decoding import MAX_LOOKUP_TOKENS, MAX_NODE_BUDGET
+    from specstream.llama import ROTARY_TABLE_SPARE
+
+    assert MAX_NODE_BUDGET + MAX_LOOKUP_TOKENS + 8 <= ROTARY_TABLE_SPARE
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

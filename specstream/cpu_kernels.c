@@ -815,7 +815,7 @@ static void project(const layer_weights *w, const layer_lora *lora, int which, c
  * (slot[r], or start + r where slot is NULL) and attending over slots [0, span) with `bias` as in
  * attend_rows; cos and sin (rows, head_dim) per row. The same kernels and order as the layer in
  * torch with the other kernels, but silu here (a row gets the same bits whichever pass it is in). */
-void decoder_layer_rows(const layer_weights *w, const layer_lora *lora, int first_row, const float *x, float *y, int rows,
+static void decoder_layer_rows(const layer_weights *w, const layer_lora *lora, int first_row, const float *x, float *y, int rows,
                         const float *cos, const float *sin, float *keys, float *values, long head_stride, long start,
                         const long *slot, int span, const float *bias, int threads) {
     int d = w->d, hd = w->head_dim, heads = w->heads, kv = w->kv_heads, ff = w->ff;

@@ -334,8 +334,9 @@ class LoraKernel:
 
 
 class LayerKernel:
-    """A decoder layer's packed weights for `decoder_layer_rows`: a decoding pass's rows through the whole
-    layer in one call (its dozen torch ops and kernel calls cost about 100 us of dispatch a layer)."""
+    """A decoder layer's packed weights as `decoder_layer_rows` takes them (through `LayerStack`): a decoding
+    pass's rows through the whole layer in C (its dozen torch ops and kernel calls cost about 100 us of
+    dispatch a layer)."""
 
     def __init__(self, packed: dict[str, PackedMatrix], input_norm: torch.Tensor, post_norm: torch.Tensor, heads: int,
                  kv_heads: int, head_dim: int, eps: float, codes: dict[str, Q4Matrix] | None = None):
@@ -360,21 +361,6 @@ class LayerKernel:
             and (bias is None or (bias.shape == (rows, span) and bias.dtype == torch.float32))
             and fits(x, cos, keys, *(() if bias is None else (bias,)))
         )
-
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 slots: int | torch.Tensor, span: int, bias: torch.Tensor | None, lora: LoraKernel | None = None,
-                 first_row: int = 0) -> torch.Tensor:
-        """The layer over rows x (R, d) -> (R, d), writing their keys and values into the cache (kv_heads,
-        capacity, head_dim) at `slots` (a start slot, or R slot indices) and attending over [0, span)."""
-        start, indices = _slot_arguments(slots)
-        out = torch.empty_like(x)
-        load_library().decoder_layer_rows(
-            ctypes.byref(self.struct), None if lora is None else ctypes.byref(lora.struct), first_row, x.data_ptr(),
-            out.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            keys.stride(0), start, None if indices is None else indices.data_ptr(), span,
-            None if bias is None else bias.data_ptr(), torch.get_num_threads(),
-        )
-        return out
 
 
 class LayerStack:
@@ -495,8 +481,6 @@ def load_library() -> ctypes.CDLL | None:
     wide = ctypes.c_long
     library.amx_int8_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer, pointer, integer]
     library.lora_add.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer, pointer, integer, integer]
-    library.decoder_layer_rows.argtypes = [pointer, pointer, integer, pointer, pointer, integer, pointer, pointer, pointer,
-                                           pointer, wide, wide, pointer, integer, pointer, integer]
     library.q4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer, integer]
     library.int8_rows.argtypes = [pointer, integer, integer, pointer, pointer]
     library.top_probabilities.argtypes = [pointer, integer, integer, integer, pointer, pointer]
@@ -507,7 +491,7 @@ def load_library() -> ctypes.CDLL | None:
     library.write_kv.argtypes = [pointer, integer, integer, integer, integer, integer, wide, pointer, pointer, pointer, wide]
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.amx_int8_gemm, library.head_argmax,
                      library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
-                     library.lora_add, library.decoder_layer_rows, library.decoder_layers_rows, library.int8_rows, library.q4_gemm,
+                     library.lora_add, library.decoder_layers_rows, library.int8_rows, library.q4_gemm,
                      library.top_probabilities):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"

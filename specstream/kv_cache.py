@@ -64,7 +64,7 @@ class KVCache:
 
 class CacheSlots:
     """One layer's share of a pass: called with the new keys and values, writes them at `slots` and
-    returns every key and value below `span`; the CPU attention kernel reads `keys` and `values`."""
+    returns every key and value below `span`."""
 
     def __init__(self, cache: KVCache, layer: int, slots: torch.Tensor | int, span: int):
         if span > cache.capacity:
@@ -73,12 +73,3 @@ class CacheSlots:
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.write(self.layer, self.slots, k, v, self.span)
-
-    @property
-    def keys(self) -> torch.Tensor:
-        """(kv_heads, capacity, head_dim) of this layer."""
-        return self.cache.keys[self.layer, 0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.cache.values[self.layer, 0]

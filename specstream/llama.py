@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import cpu_kernels
 from .cpu_kernels import PackedMatrix, pack
-from .kv_cache import CacheSlots, KVCache
+from .kv_cache import KVCache
 
 # Rotary types whose frequencies depend on the sequence length at run time; our cached
 # cos/sin table cannot follow them, so we refuse them rather than be silently wrong.
@@ -280,11 +280,6 @@ def decoder_layer(
     the additive bias of `attention_bias`).
     """
     batch, rows, _ = x.shape
-    whole = _layer_kernel(layer, shape, x, rotary, kv, mask, delta)
-    if whole is not None:
-        kernel, lora, first_row = whole
-        cos, sin = rotary
-        return kernel(x[0], cos, sin, kv.keys, kv.values, kv.slots, kv.span, mask, lora, first_row)[None]
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, layer.input_norm, shape.rms_norm_eps)
     qkv = _project("qkv", h, layer, delta)
@@ -326,8 +321,9 @@ def decoder_layers(weights: LlamaWeights, layers: range, x: torch.Tensor, rotary
 
 def _layer_stack(weights: LlamaWeights, layers: range, x: torch.Tensor, rotary, cache: KVCache, span: int,
                  mask: torch.Tensor | None, deltas: list) -> cpu_kernels.LayerStack | None:
-    """The layers as one `LayerStack` (made once per run of layers and pairs), or None where any of them
-    runs op by op (see `_layer_kernel`)."""
+    """The layers as one `LayerStack` (made once per run of layers and pairs), or None where they run op
+    by op: a batch, another device, a delta without packed pairs, or rows, cache or bias the kernel does
+    not take."""
     if x.shape[0] != 1 or x.device.type != "cpu" or not layers:
         return None
     loras = [None if delta is None else getattr(delta, "kernel", None) for delta in deltas]
@@ -350,22 +346,6 @@ def _layer_stack(weights: LlamaWeights, layers: range, x: torch.Tensor, rotary, 
 
 
 MAX_LAYER_STACKS = 8  # per base model: the layers below the streams and the stream layers per adapter
-
-
-def _layer_kernel(layer: LayerWeights, shape: LlamaShape, x: torch.Tensor, rotary, kv: KVFunction,
-                  mask: torch.Tensor | None, delta: Delta | None):
-    """(the whole-layer kernel, its low-rank pairs or None, their first row) where the layer runs in one
-    call: a decoding pass's rows of one sequence writing into a KV cache, with any low-rank delta packed
-    for it. None where it runs op by op."""
-    if x.shape[0] != 1 or not isinstance(kv, CacheSlots) or x.device.type != "cpu":
-        return None
-    lora = None if delta is None else getattr(delta, "kernel", None)
-    if delta is not None and lora is None:
-        return None
-    kernel = layer.kernel(shape)
-    if kernel is None or not kernel.fits(x[0], rotary[0], kv.keys, mask, kv.span):
-        return None
-    return kernel, lora, 0 if delta is None else delta.first_row
 
 
 # On a GPU, attention without cuDNN's kernel, which torch 2.11 picks on an H200 and which sets itself

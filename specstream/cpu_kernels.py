@@ -100,7 +100,7 @@ class Int8Matrix:
         tiles = -(-self.out_features // TILE)
         self.scales = torch.ones(tiles * TILE, dtype=torch.float32)
         padded = torch.zeros(tiles * TILE, self.in_features, dtype=torch.int8)
-        self.scales[: self.out_features], padded[: self.out_features] = _int8_rows(weight.detach())
+        self.scales[: self.out_features], padded[: self.out_features] = int8_rows(weight.detach().contiguous())
         quads = padded.view(tiles, TILE, self.in_features // 4, 4)
         self.packed = quads.transpose(1, 2).contiguous()  # (tiles, K / 4, 16, 4): AMX's layout
         self._library = library
@@ -162,14 +162,9 @@ def q4_matrix(weight: torch.Tensor) -> Q4Matrix | None:
     return Q4Matrix(codes.view(rows, width), scale, offset)
 
 
-def _int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row as int8 times a scale: (scales (R,), int8 rows (R, K)), both contiguous."""
-    scales = matrix.abs().amax(dim=1).clamp_min(1e-30) / 127
-    return scales.contiguous(), (matrix / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-
-
 def int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_int8_rows` of contiguous float32 CPU rows in one C call (the same bits)."""
+    """Each of contiguous float32 CPU rows (R, K) as int8 times a scale, in one C call: (scales (R,), int8
+    rows (R, K)); the scale is the row's largest magnitude (at least 1e-30) over 127, rounding to even."""
     scales = torch.empty(matrix.shape[0], dtype=torch.float32)
     rows = torch.empty(matrix.shape, dtype=torch.int8)
     load_library().int8_rows(matrix.data_ptr(), matrix.shape[0], matrix.shape[1], rows.data_ptr(), scales.data_ptr())

@@ -351,6 +351,12 @@ def test_whole_layer_kernel_matches_the_layer_op_by_op(kernel, tiny_dir, monkeyp
         torch.testing.assert_close(fused, op_by_op, rtol=1e-4, atol=1e-4)
 
 
+def int8_rows_in_torch(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for `int8_rows`: each row as int8 times (its largest magnitude over 127)."""
+    scales = matrix.abs().amax(dim=1).clamp_min(1e-30) / 127
+    return scales, (matrix / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+
+
 def test_int8_draft_head_gives_the_products_of_the_rounded_rows_and_weights(kernel):
     weight = torch.randn(100, 128, generator=torch.Generator().manual_seed(4))  # 100: not a multiple of 16
     head = kernel.pack_draft_head(weight)
@@ -359,8 +365,8 @@ def test_int8_draft_head_gives_the_products_of_the_rounded_rows_and_weights(kern
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         out = head(x)
-    w_scale, w_int = kernel._int8_rows(weight)
-    x_scale, x_int = kernel._int8_rows(x)
+    w_scale, w_int = int8_rows_in_torch(weight)
+    x_scale, x_int = int8_rows_in_torch(x)
     exact = (x_int.double() @ w_int.double().T) * x_scale.double()[:, None] * w_scale.double()[None]
     torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
     reference = x @ weight.T
@@ -371,7 +377,7 @@ def test_int8_rows_in_c_round_as_torch_does(kernel):
     x = torch.randn(5, 192, generator=torch.Generator().manual_seed(8)) * torch.tensor([1.0, 1e-3, 50.0, 0.0, 1.0])[:, None]
     x[4, 7] = 127.5 / 127 * x[4].abs().max()  # halves that round to even
     scales, rows = kernel.int8_rows(x)
-    torch_scales, torch_rows = kernel._int8_rows(x)
+    torch_scales, torch_rows = int8_rows_in_torch(x)
     assert torch.equal(scales, torch_scales) and torch.equal(rows, torch_rows)
 
 

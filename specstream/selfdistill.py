@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -83,14 +85,19 @@ def _generate(model, tokenizer, texts: list[str], max_new_tokens: int, sample: b
     return [row[: row.index(eos) + 1] if eos in row else row for row in new]
 
 
-def sample_prompts(base: BaseModel, model, count: int, seed: int, batch_size: int) -> list[str]:
-    """Magpie-style: let the model write the user's turn from each seed opening."""
+def sample_prompts(base: BaseModel, model, count: int, seed: int, batch_size: int,
+                   deadline: float | None = None) -> list[str]:
+    """Magpie-style: let the model write the user's turn from each seed opening. Past `deadline`
+    (time.monotonic) no new batch starts: a time-boxed run keeps what it has."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     prefix = _template_prefix(base)
     openings = [rng.choice(SEED_OPENINGS) for _ in range(count)]
     prompts: list[str] = []
     for batch in tqdm(list(_batches(openings, batch_size)), desc="sampling prompts"):
+        if deadline is not None and prompts and time.monotonic() > deadline:
+            print(f"time limit: {len(prompts)} of {count} prompts sampled", file=sys.stderr)
+            break
         for opening, ids in zip(batch, _generate(model, base.tokenizer, [prefix + o for o in batch], 96, sample=True)):
             text = (opening + base.tokenizer.decode(ids, skip_special_tokens=True)).strip()
             if len(text) >= 12:
@@ -119,6 +126,7 @@ def build_dataset(
     seed: int = 0,
     batch_size: int = 48,
     dtype: torch.dtype | None = None,
+    prompt_deadline: float | None = None,
 ) -> list[Sample]:
     """Make (or read back) the self-distillation set in `folder`/samples.jsonl."""
     path = Path(folder) / "samples.jsonl"
@@ -128,9 +136,14 @@ def build_dataset(
     if dtype is not None:
         model = model.to(dtype)  # bf16 halves generation time on CPUs with bf16 matmuls
     base.tokenizer.padding_side = "left"
-    prompts = sample_prompts(base, model, count, seed, batch_size)
+    if base.tokenizer.pad_token is None:  # transformers 5's GGUF tokenizer has none; padding is masked anyway
+        base.tokenizer.pad_token = base.tokenizer.eos_token
+    prompts = sample_prompts(base, model, count, seed, batch_size, prompt_deadline)
     for file in prompt_files:
         prompts += read_prompt_file(file)
+    # Sampled prompts repeat (30 of 3072 on one run): a repeat could land in both the training and
+    # the held-out split and flatter the held-out accuracy.
+    prompts = list(dict.fromkeys(prompts))
     samples = greedy_replies(base, model, prompts, max_new_tokens, batch_size)
     Path(folder).mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")

@@ -46,6 +46,15 @@ def learning_rate(step: int, total: int, settings: TrainSettings) -> float:
     return settings.learning_rate * warm * max(0.0, 1.0 - step / max(total, 1))
 
 
+def fitted_total(planned: int, done: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The schedule's length when the run has a wall-clock budget: as many steps as the time left
+    holds at the measured rate, never more than planned. The learning rate then decays to zero at
+    the budget's end rather than being cut off mid-schedule."""
+    if seconds_per_step <= 0:
+        return planned
+    return max(done + 1, min(planned, done + int(seconds_left / seconds_per_step)))
+
+
 def batches_for_epoch(count: int, batch_size: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
     """Length-bucketed batches (less padding) in an order fixed by seed and epoch, so a resumed
     run sees exactly the batches an unbroken one would."""
@@ -105,12 +114,14 @@ def train(args: argparse.Namespace) -> dict:
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                              max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every)
     check_writable(args.out)
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     torch.manual_seed(settings.seed)
     base = load_base_model(args.model, device=str(accelerator.device), dtype="float32")
     samples = build_dataset(base, args.data_dir, count=args.samples, prompt_files=tuple(args.prompt_file),
                             max_new_tokens=args.reply_tokens, seed=settings.seed, batch_size=args.generation_batch,
-                            dtype=getattr(torch, args.generation_dtype))
+                            dtype=getattr(torch, args.generation_dtype),
+                            prompt_deadline=_share_of(deadline, args.time_limit, PROMPT_SHARE))
     sequences = to_sequences(samples, settings.max_length)
     random.Random(settings.seed).shuffle(sequences)  # the data file is sorted by prompt length
     sequences = sequences[: args.limit_sequences or None]
@@ -137,16 +148,22 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume and (args.out / "checkpoint").is_dir():
         start = load_checkpoint(args.out / "checkpoint", adapter, optimizer, base.weights.shape, base.identity)
     model, optimizer = accelerator.prepare(objective, optimizer)
-    result = run_steps(accelerator, model, optimizer, features, settings, start, args, base)
+    result = run_steps(accelerator, model, optimizer, features, settings, start, args, deadline, len(eval_features))
     result["eval"] = evaluate(objective, eval_features)
     if accelerator.is_main_process:
         finish(args, adapter, result, settings, samples, sequences)
     return result
 
 
-def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, start: int, args, base) -> dict:
+def _share_of(deadline: float | None, limit: float, share: float) -> float | None:
+    """A point `share` of the way into the budget that ends at `deadline`."""
+    return None if deadline is None else deadline - limit * (1 - share)
+
+
+def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, start: int, args,
+              deadline: float | None = None, eval_batches: int = 0) -> dict:
     per_epoch = len(features)
-    total = per_epoch * settings.epochs
+    total = planned = per_epoch * settings.epochs
     lengths = [int(f.lengths.sum()) for f in features]
     progress = tqdm(total=total, initial=start, desc="training", file=sys.stderr, disable=not accelerator.is_main_process)
     started, tokens_seen, metrics = time.perf_counter(), 0, {}
@@ -162,6 +179,10 @@ def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += int(batch.lengths.sum())
+        if step + 1 - start == WARMUP_STEPS:
+            warm = (step + 1, time.perf_counter())
+        if deadline is not None and (step + 1 - start == TIMING_STEPS or (step + 1 - start) % REFIT_EVERY == 0):
+            total = _fit_to_deadline(planned, step + 1, warm, deadline, eval_batches, progress)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", s1=f"{metrics.get('stream1_top1', 0):.2f}",
                              tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
@@ -169,12 +190,36 @@ def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, 
             save_checkpoint(args.out / "checkpoint", accelerator.unwrap_model(model).adapter, optimizer, step + 1)
         if args.stop_after and step + 1 - start >= args.stop_after:
             break
+        if step + 1 >= total:
+            break
     progress.close()
     seconds = time.perf_counter() - started
-    return {"steps": total, "steps_run": step + 1 - start, "train_tokens_per_epoch": sum(lengths),
+    return {"steps": total, "planned_steps": planned, "steps_run": step + 1 - start, "train_tokens_per_epoch": sum(lengths),
             "seconds": round(seconds, 1), "last_batch": {k: round(v, 4) for k, v in metrics.items()},
             "device": str(accelerator.device), "processes": accelerator.num_processes,
             "mixed_precision": args.mixed_precision, "feature_dtype": args.feature_dtype}
+
+
+# A run with a deadline times its steps after the first WARMUP_STEPS: on an H200 the first steps took
+# ~2 s (kernel selection, allocator) against 0.04 s later, and a fit that counted them cut a 368-step
+# schedule to 54 steps. It fits at TIMING_STEPS and again every REFIT_EVERY steps.
+WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 3, 12, 200
+FINISH_SECONDS = 30  # writing the adapter and the phrase table, with room to spare
+# Prompt sampling stops at this share of the budget; greedy replies then take about 1.3x as long
+# (H200, batches of 1024: 8 s of prompts, 10 s of replies), leaving ~40 % for features and training.
+PROMPT_SHARE = 0.25
+
+
+def _fit_to_deadline(planned: int, done: int, warm: tuple[int, float], deadline: float, eval_batches: int,
+                     progress) -> int:
+    per_step = (time.perf_counter() - warm[1]) / (done - warm[0])
+    # evaluation is a forward pass only: about a third of a training step per batch
+    left = deadline - time.monotonic() - eval_batches * per_step / 2 - FINISH_SECONDS
+    total = fitted_total(planned, done, per_step, left)
+    if total < planned:
+        print(f"time limit: {total} of {planned} planned steps fit ({per_step:.3f} s a step)", file=sys.stderr)
+        progress.total = total
+    return total
 
 
 def finish(args, adapter: StreamAdapter, result: dict, settings: TrainSettings, samples: list[Sample], sequences) -> None:
@@ -212,6 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps (for tests)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds for the whole command (data, features, training): prompt sampling stops at 25 %% "
+                        "of it and the schedule is shortened to what fits; 0: no limit")
     p.add_argument("--device", default="auto", help="auto or cpu")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                    help="default: bf16 on a GPU, no on a CPU")

@@ -119,3 +119,32 @@ def test_features_stored_in_bfloat16_are_computed_in_float32(tiny_dir, tmp_path)
     result = train.main(argv(tiny_dir, data, tmp_path / "b", "--epochs", "8", "--feature-dtype", "bfloat16"))
     assert result["feature_dtype"] == "bfloat16"
     assert result["last_batch"]["loss"] < first["last_batch"]["loss"] * 0.7
+
+
+def test_time_limit_fits_the_schedule_to_the_budget(tiny_dir, tmp_path):
+    assert train.fitted_total(planned=1000, done=8, seconds_per_step=0.5, seconds_left=100) == 208
+    assert train.fitted_total(planned=100, done=8, seconds_per_step=0.5, seconds_left=100) == 100
+    assert train.fitted_total(planned=100, done=8, seconds_per_step=0.5, seconds_left=-5) == 9
+    data = write_samples(tmp_path / "data", count=96)
+    # 200 epochs of 23 steps cannot fit in 40 s on any machine: the run ends in time with a shorter
+    # schedule, and its learning rate reached zero on it (the adapter is written).
+    result = train.main(argv(tiny_dir, data, tmp_path / "timed", "--epochs", "200", "--time-limit", "40"))
+    assert result["planned_steps"] == 23 * 200
+    assert result["steps"] == result["steps_run"] < result["planned_steps"]
+    assert (tmp_path / "timed" / "adapter.safetensors").is_file()
+
+
+def test_data_is_generated_with_padding_and_without_repeated_prompts(tiny_dir, tmp_path):
+    from specstream.selfdistill import build_dataset, load_samples
+
+    # The tiny tokenizer has no pad token (nor has transformers 5's GGUF tokenizer of the default
+    # model), and batched generation pads.
+    base = load_base_model(str(tiny_dir), device="cpu")
+    assert base.tokenizer.pad_token is None
+    extra = tmp_path / "extra.txt"
+    extra.write_text("w3 w4 w5 w6\nw3 w4 w5 w6\nw7 w8 w9\n")
+    samples = build_dataset(base, tmp_path / "data", count=4, prompt_files=(extra,), max_new_tokens=3, batch_size=3)
+    prompts = [s.prompt for s in samples]
+    assert len(prompts) == len(set(prompts)) and "w3 w4 w5 w6" in prompts and "w7 w8 w9" in prompts
+    assert all(1 <= len(s.reply_ids) <= 3 for s in samples)
+    assert load_samples(tmp_path / "data" / "samples.jsonl") == samples

@@ -81,9 +81,14 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for, but no CUDA GPU is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+    # accelerate names each process's device with its index ("cuda:1", and "cpu:0" when several
+    # processes share a CPU), and the training command passes it on
+    if device.split(":")[0] not in ("cpu", "cuda"):
         raise ModelLoadError(f"device must be auto, cpu or cuda, not '{device}'")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"device must be auto, cpu or cuda, not '{device}'") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

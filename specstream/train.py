@@ -183,6 +183,8 @@ def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, 
             warm = (step + 1, time.perf_counter())
         if deadline is not None and (step + 1 - start == TIMING_STEPS or (step + 1 - start) % REFIT_EVERY == 0):
             total = _fit_to_deadline(planned, step + 1, warm, deadline, eval_batches, progress)
+            if accelerator.num_processes > 1:  # every process must run the same number of steps
+                total = int(accelerator.gather(torch.tensor([total], device=accelerator.device)).min())
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", s1=f"{metrics.get('stream1_top1', 0):.2f}",
                              tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
@@ -200,9 +202,9 @@ def run_steps(accelerator, model, optimizer, features, settings: TrainSettings, 
             "mixed_precision": args.mixed_precision, "feature_dtype": args.feature_dtype}
 
 
-# A run with a deadline times its steps after the first WARMUP_STEPS: on an H200 the first steps took
-# ~2 s (kernel selection, allocator) against 0.04 s later, and a fit that counted them cut a 368-step
-# schedule to 54 steps. It fits at TIMING_STEPS and again every REFIT_EVERY steps.
+# A run with a deadline times its steps after the first WARMUP_STEPS: on an H200 a fit that counted the
+# first steps' set-up cut a 276-step schedule to 54. The first epoch still runs slower than the rest
+# (~6 steps/s against 25-30 there: every batch shape is new), so it refits every REFIT_EVERY steps.
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 3, 12, 200
 FINISH_SECONDS = 30  # writing the adapter and the phrase table, with room to spare
 # Prompt sampling stops at this share of the budget; greedy replies then take about 1.3x as long

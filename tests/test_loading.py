@@ -41,6 +41,9 @@ def test_pickled_weights_are_refused(tmp_path, tiny_dir):
 def test_bad_device_and_dtype():
     with pytest.raises(ModelLoadError, match="device must be"):
         loading.resolve_device("tpu")
+    with pytest.raises(ModelLoadError, match="device must be"):
+        loading.resolve_device("cpu:x")
+    assert loading.resolve_device("cpu:0") == torch.device("cpu:0")  # what accelerate hands each CPU process
     with pytest.raises(ModelLoadError, match="dtype must be"):
         loading.resolve_dtype("int3", torch.device("cpu"))
 

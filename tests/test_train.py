@@ -148,3 +148,20 @@ def test_data_is_generated_with_padding_and_without_repeated_prompts(tiny_dir, t
     assert len(prompts) == len(set(prompts)) and "w3 w4 w5 w6" in prompts and "w7 w8 w9" in prompts
     assert all(1 <= len(s.reply_ids) <= 3 for s in samples)
     assert load_samples(tmp_path / "data" / "samples.jsonl") == samples
+
+
+def test_two_processes_agree_on_a_time_limited_schedule(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # Several processes (here two on the CPU, as `accelerate launch` or torchrun start them) each time
+    # their own steps; they must run the same number, or the gradient all-reduce would hang.
+    data = write_samples(tmp_path / "data", count=96)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "specstream.train", *argv(tiny_dir, data, tmp_path / "two", "--epochs", "200", "--time-limit", "30")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((tmp_path / "two" / "training_metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps_run"] == metrics["steps"] < metrics["planned_steps"]

@@ -172,7 +172,7 @@ def int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def top_probabilities(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, columns), each (R, k): the k largest logits of each row of `fits` logits (R, N)
+    """(probabilities, columns), each (R, k): the k largest logits of each row of float32 CPU logits (R, N) that `fits` takes
     (k at most N and 64), best first, with their softmax probabilities over the row."""
     rows, width = logits.shape
     probs = torch.empty(rows, k, dtype=torch.float32)

@@ -83,12 +83,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ModelLoadError("device 'cuda' was asked for, but no CUDA GPU is available")
     # accelerate names each process's device with its index ("cuda:1", and "cpu:0" when several
     # processes share a CPU), and the training command passes it on
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ModelLoadError(f"device must be auto, cpu or cuda, not '{device}'")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
-        raise ModelLoadError(f"device must be auto, cpu or cuda, not '{device}'") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device must be auto, cpu or cuda, not '{device}'")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -215,7 +215,7 @@ PROMPT_SHARE = 0.25
 def _fit_to_deadline(planned: int, done: int, warm: tuple[int, float], deadline: float, eval_batches: int,
                      progress) -> int:
     per_step = (time.perf_counter() - warm[1]) / (done - warm[0])
-    # evaluation is a forward pass only: about a third of a training step per batch
+    # evaluation is a forward pass only, about a third of a training step per batch: priced at half, to spare
     left = deadline - time.monotonic() - eval_batches * per_step / 2 - FINISH_SECONDS
     total = fitted_total(planned, done, per_step, left)
     if total < planned:

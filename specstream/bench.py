@@ -29,7 +29,7 @@ from .decoding import DECODERS, STREAM_PASSES, DecodeSettings, SettingsError, pl
 from .engine import build_model, default_adapter_path
 from .costs import cpu_name, measure_afresh
 from .report import write_report
-from .llama import attention_backends
+from .llama import attention_backends, masked_attention_way
 from .loading import BaseModel, ModelLoadError, load_base_model, load_reference_model
 from .streams import SpeculativeModel
 
@@ -193,6 +193,7 @@ def machine_info(base: BaseModel) -> dict:
             "transformers": transformers.__version__, "threads": torch.get_num_threads(), "matmul": base.weights.matmul}
     if base.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(base.device)
+        info["masked_attention"] = masked_attention_way(base.device)  # key and value heads repeated or grouped
     return info
 
 

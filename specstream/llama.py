@@ -10,6 +10,7 @@ function works on a batch of rows `(B, R, d)` whose keys and values come from a 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import cached_property, wraps
@@ -378,13 +379,62 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
     On an H200 (torch 2.11) a masked call with `enable_gqa` found no kernel but the math one: 0.53 ms
     for 12 tree rows against 0.06 for one unmasked row, 16 ms of a 27.5 ms tree pass over 30 layers.
-    SPECSTREAM_GQA=expand repeats the key and value heads instead, which lets such calls reach the
-    memory-efficient kernel; not yet timed on a GPU, so off by default."""
-    if mask is not None and q.is_cuda and os.environ.get("SPECSTREAM_GQA") == "expand":
-        groups = q.shape[1] // keys.shape[1]
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    Repeating the key and value heads instead lets such calls reach the memory-efficient kernel, so on
+    a GPU the first masked call times both ways and keeps the faster (`expand_groups`)."""
+    expand = mask is not None and q.is_cuda and expand_groups(q, keys, values, mask)
+    return (_expanded_attention if expand else _grouped_attention)(q, keys, values, mask)
+
+
+def _expanded_attention(q, keys, values, mask):
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def _grouped_attention(q, keys, values, mask):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+_GROUPS_CHOICE: dict = {}  # (device, dtype) -> whether masked attention repeats key and value heads
+
+
+def expand_groups(q, keys, values, mask, timer=None) -> bool:
+    """Whether masked attention on q's device repeats the key and value heads: SPECSTREAM_GQA=expand
+    or native decides; else the faster of the two on these very tensors, timed once per device and dtype
+    (each way warmed up once, then the least of three calls each)."""
+    setting = os.environ.get("SPECSTREAM_GQA", "auto")
+    if setting in ("expand", "native"):
+        return setting == "expand"
+    key = (q.device, q.dtype)
+    if key not in _GROUPS_CHOICE:
+        timer = timer or _device_timer(q.device)
+        ways = (_grouped_attention, _expanded_attention)
+        for way in ways:
+            way(q, keys, values, mask)
+        best = [min(timer(lambda: way(q, keys, values, mask)) for _ in range(3)) for way in ways]
+        _GROUPS_CHOICE[key] = best[1] < best[0]
+    return _GROUPS_CHOICE[key]
+
+
+def masked_attention_way(device: torch.device) -> str:
+    """How masked attention ran on `device` ("expand", "native", or "untimed" before the first masked call)."""
+    setting = os.environ.get("SPECSTREAM_GQA", "auto")
+    if setting in ("expand", "native"):
+        return setting
+    chosen = [expand for (seen, _), expand in _GROUPS_CHOICE.items()
+              if seen.type == device.type and device.index in (None, seen.index)]
+    return "untimed" if not chosen else "expand" if chosen[-1] else "native"
+
+
+def _device_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def seconds(call) -> float:
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        call()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    return seconds
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

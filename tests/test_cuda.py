@@ -1,5 +1,5 @@
 """The CUDA path (skipped without a GPU, so CI never runs it): lossless decoding there, with either
-grouped-query attention path, and the same tokens as on the CPU."""
+grouped-query attention path (or the one timed faster), and the same tokens as on the CPU."""
 
 import copy
 import random
@@ -24,7 +24,7 @@ def cuda_base(tiny_dir):
     return load_base_model(str(tiny_dir), device=DEVICE, dtype="float64")
 
 
-@pytest.mark.parametrize("gqa", ["native", "expand"])
+@pytest.mark.parametrize("gqa", ["native", "expand", "auto"])
 @pytest.mark.parametrize("seed", range(3))
 def test_specstream_equals_plain_on_cuda_and_on_the_cpu(cuda_base, tiny_base, monkeypatch, gqa, seed):
     monkeypatch.setenv("SPECSTREAM_GQA", gqa)

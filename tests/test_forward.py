@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specstream.llama import attention_backends, attention_bias
+from specstream import llama
+from specstream.llama import attention_backends, attention_bias, expand_groups
 from specstream.loading import load_base_model, load_reference_model
 from specstream.streams import SpeculativeModel
 from specstream.tree import DraftNode, DraftTree, tree_attention_mask
@@ -129,3 +130,35 @@ def test_gpu_passes_keep_cudnn_attention_out(monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
     with attention_backends(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+@pytest.mark.parametrize("faster", ["native", "expand"])
+def test_masked_attention_keeps_the_way_it_timed_faster(monkeypatch, faster):
+    """On a GPU, masked attention repeats the key and value heads or not, whichever the first masked
+    call timed faster (on an H200 the grouped call found only the math kernel); both give the same attention."""
+    monkeypatch.delenv("SPECSTREAM_GQA", raising=False)
+    monkeypatch.setattr(llama, "_GROUPS_CHOICE", {})
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 6, 5, 16, generator=generator)
+    k, v = torch.randn(2, 1, 2, 30, 16, generator=generator)
+    mask = attention_bias(torch.rand(5, 30, generator=generator) > 0.3, torch.float32)[None, None]
+    timed = []
+
+    def timer(call):  # the slow way's calls "take" a second
+        started = len(calls)
+        call()
+        timed.append(calls[started:])
+        return 1.0 if calls[-1] != faster else 0.5
+
+    calls = []
+    for name in ("native", "expand"):
+        way = getattr(llama, "_grouped_attention" if name == "native" else "_expanded_attention")
+        monkeypatch.setattr(llama, way.__name__, lambda *args, way=way, name=name: calls.append(name) or way(*args))
+    assert expand_groups(q, k, v, mask, timer) == (faster == "expand")
+    assert len(timed) == 6 and sorted(calls) == ["expand"] * 4 + ["native"] * 4  # one warm-up and three timed each
+    assert expand_groups(q, k, v, mask, lambda call: 1 / 0) == (faster == "expand")  # timed once per device and dtype
+    assert llama.masked_attention_way(torch.device("cpu")) == faster  # as the benchmark's JSON reports it
+    monkeypatch.setenv("SPECSTREAM_GQA", "native")
+    assert not expand_groups(q, k, v, mask)
+    grouped, expanded = llama._grouped_attention(q, k, v, mask), llama._expanded_attention(q, k, v, mask)
+    assert torch.allclose(grouped, expanded, atol=1e-6)

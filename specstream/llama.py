@@ -289,11 +289,12 @@ def decoder_layer(
     if rotated:  # queries and keys rotated in place, in one call
         cpu_kernels.rotary(qkv, heads + kv_heads, head_dim, cos, sin)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = q.view(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
-    k = k.view(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
+    if not rotated:  # queries and keys in one rotation: on a GPU each op is a kernel launch
+        qk = qkv[..., : (heads + kv_heads) * head_dim].view(batch, rows, heads + kv_heads, head_dim)
+        q, k = _rotate(qk, cos[:, None], sin[:, None]).split([heads, kv_heads], dim=2)
+    q = q.reshape(batch, rows, heads, head_dim).transpose(1, 2)  # (B, H, R, hd)
+    k = k.reshape(batch, rows, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, R, hd)
     v = v.view(batch, rows, kv_heads, head_dim).transpose(1, 2)
-    if not rotated:
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys, values = kv(k, v)
     attn = attend(q, keys, values, None if mask is None else mask[None, None])
     attn = attn.transpose(1, 2).reshape(batch, rows, heads * head_dim)

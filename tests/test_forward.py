@@ -23,7 +23,12 @@ def _prefill(model, tokens):
     return cache, model.logits(out.main_hidden)
 
 
-def test_logits_match_transformers(tiny_dir):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_logits_match_transformers(tiny_dir, monkeypatch, kernels):
+    """Ours against transformers, with the CPU kernels and in torch alone (the GPU's path, where queries
+    and keys turn in one rotation)."""
+    if not kernels:
+        monkeypatch.setattr(llama.cpu_kernels, "fits", lambda *tensors: False)
     base = load_base_model(str(tiny_dir), device="cpu", dtype="float32")
     reference = load_reference_model(base)
     tokens = [1, 5, 9, 13, 7, 7, 20, 3, 11]

@@ -39,3 +39,16 @@ def test_specstream_equals_plain_on_cuda_and_on_the_cpu(cuda_base, tiny_base, mo
     plain = tokens_of(plain_decode(gpu, prompt, settings))
     assert tokens_of(specstream_decode(gpu, prompt, settings)) == plain
     assert tokens_of(plain_decode(cpu, prompt, settings)) == plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_norm_on_the_gpu_is_the_norm(dtype):
+    """On a GPU the RMS norm is torch's fused kernel (fewer launches); it must compute what the op-by-op norm does."""
+    from specstream.llama import rms_norm
+
+    x = torch.randn(7, 576, device=DEVICE, dtype=dtype) * 3
+    weight = (torch.rand(576, device=DEVICE) + 0.5).to(dtype)
+    x32 = x.float()
+    expected = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), expected, rtol=tolerance, atol=tolerance)

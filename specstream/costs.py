@@ -24,7 +24,7 @@ from .streams import SpeculativeModel
 from .tree import tree_attention_mask
 
 # Tree sizes the auto tree chooses from (root included); 1 is a pass with streams but no drafts.
-SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # Nodes that carry streams in a pass of stream_pass "likely", for its cost table: 16 Spec-Bench prompts
 # averaged 2.4 to 3.1 (the root and the likeliest one or two drafts); the rare second pass is not priced.
 LIKELY_SOURCES = 3
@@ -32,7 +32,7 @@ LIKELY_SOURCES = 3
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _afresh: weakref.WeakSet = weakref.WeakSet()  # models whose tables on disk this process must not trust
-COST_MODEL = "v15: the layers below the streams and the stream layers each in one C call; rotary rows from a table; drafts' top-k in C; v14: lossless adapter pairs in bfloat16, int8 draft head in AMX tiles; each decoder layer of a decoding pass in one C call (attention, KV writes, low-rank pairs, silu included); every depth's tree table timed in the same rounds; paired tiles in the AVX-512 matmul; greedy token from a bfloat16 screen of the head (AMX tiles where present); bfloat16 draft head; tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
+COST_MODEL = "v16: trees of 96 and 128 nodes priced too; v15: the layers below the streams and the stream layers each in one C call; rotary rows from a table; drafts' top-k in C; v14: lossless adapter pairs in bfloat16, int8 draft head in AMX tiles; each decoder layer of a decoding pass in one C call (attention, KV writes, low-rank pairs, silu included); every depth's tree table timed in the same rounds; paired tiles in the AVX-512 matmul; greedy token from a bfloat16 screen of the head (AMX tiles where present); bfloat16 draft head; tree tables scaled to the plain step; CPU kernels for matmuls (prefetching the next tile; 16 rows a read with AVX-512), RMSNorm and rotary; verification head over every row with them; attention bias made once per pass"
 
 
 def _sync(device: torch.device) -> None:

@@ -93,7 +93,8 @@ def test_auto_tree_is_lossless_and_sized_by_cost(tiny_base, monkeypatch, cost_pe
     records = list(specstream_decode(model, [5, 6, 7], settings))
     assert [t for r in records for t in r.emitted_tokens] == plain
     trees = [r for r in records if r.nodes]
-    assert all(r.expected_speedup is not None and 1 <= len(r.nodes) <= 40 for r in trees)
+    # the budget bounds the stream tree; a copied chain adds at most lookup_tokens nodes beside it
+    assert all(r.expected_speedup is not None and 1 <= len(r.nodes) <= 40 + settings.lookup_tokens for r in trees)
     assert (min(len(r.nodes) for r in trees) >= 24) == expect_wide
     fixed = list(specstream_decode(model, [5, 6, 7], dataclasses.replace(settings, tree="fixed")))
     assert all(r.expected_speedup is None for r in fixed)

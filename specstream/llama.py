@@ -412,9 +412,9 @@ def expand_groups(q, keys, values, mask, timer=None) -> bool:
     """Whether masked attention on q's device repeats the key and value heads: SPECSTREAM_GQA=expand
     or native decides; else the faster of the two on these very tensors, timed once per device and dtype
     (each way warmed up once, then the least of three calls each)."""
-    setting = os.environ.get("SPECSTREAM_GQA", "auto")
-    if setting in ("expand", "native"):
-        return setting == "expand"
+    forced = _forced_gqa()
+    if forced:
+        return forced == "expand"
     key = (q.device, q.dtype)
     if key not in _GROUPS_CHOICE:
         timer = timer or _device_timer(q.device)
@@ -428,12 +428,18 @@ def expand_groups(q, keys, values, mask, timer=None) -> bool:
 
 def masked_attention_way(device: torch.device) -> str:
     """How masked attention ran on `device` ("expand", "native", or "untimed" before the first masked call)."""
-    setting = os.environ.get("SPECSTREAM_GQA", "auto")
-    if setting in ("expand", "native"):
-        return setting
+    forced = _forced_gqa()
+    if forced:
+        return forced
     chosen = [expand for (seen, _), expand in _GROUPS_CHOICE.items()
               if seen.type == device.type and device.index in (None, seen.index)]
     return "untimed" if not chosen else "expand" if chosen[-1] else "native"
+
+
+def _forced_gqa() -> str | None:
+    """"expand" or "native" where SPECSTREAM_GQA fixes the way, else None (timed)."""
+    setting = os.environ.get("SPECSTREAM_GQA", "auto")
+    return setting if setting in ("expand", "native") else None
 
 
 def _device_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

@@ -315,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", default=None, help="adapter folder; default: the one in assets/, else a fresh one")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id; default: SmolLM2-135M-Instruct")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (float32), float32, float16 or bfloat16")
     parser.add_argument("--top-k", default=",".join(map(str, DecodeSettings.top_k)), help="candidates per depth")
     parser.add_argument("--node-budget", type=int, default=DecodeSettings.node_budget)
     parser.add_argument("--prune-threshold", type=float, default=DecodeSettings.prune_threshold)

@@ -46,6 +46,9 @@ def test_bad_device_and_dtype():
     assert loading.resolve_device("cpu:0") == torch.device("cpu:0")  # what accelerate hands each CPU process
     with pytest.raises(ModelLoadError, match="dtype must be"):
         loading.resolve_dtype("int3", torch.device("cpu"))
+    # auto is float32 on a GPU too, so the benchmark's and the app's outputs match plain decoding there
+    assert loading.resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    assert loading.resolve_dtype("bf16", torch.device("cuda")) == torch.bfloat16
 
 
 def test_missing_package_message(monkeypatch):

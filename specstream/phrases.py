@@ -6,13 +6,21 @@ is greedy, the model tends to say the same phrase again ("Here's a step-by-step 
 Stored beside the adapter as `phrases.safetensors`: per key length n, `keys_n` (K, n) and
 `continuations_n` (K, length) int32, padded with -1. Offline, on 150 held-out replies, drafting
 from the table where its key is longer than the prompt-lookup match raised the accepted copied
-tokens per position from 1.61 to 1.83."""
+tokens per position from 1.61 to 1.83.
+
+The same replies give each key's next-token shares (`next_tokens`): a stream drafts from its own
+context only, blind to the tokens between it and the position it predicts (the bonus token, the
+draft parents), while the table knows what the model said after those tokens. Mixed into the
+ranking of each tree node's children, on the model's greedy replies to Spec-Bench prompts
+(teacher-forced, `out/ngram_mix.py`), the top-1 of streams 1 / 2 / 3 went from 38.7 / 21.1 / 13.2 %
+to 42.1 / 30.1 / 26.3 % at weight 0.35 (chosen on held-out self-distilled replies: 51.6 / 29.7 / 17.8
+-> 54.5 / 37.4 / 31.7 %)."""
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +33,7 @@ PHRASES_FILE = "phrases.safetensors"
 MAX_KEY = 3
 LENGTH = 8
 MIN_COUNT = 2  # a continuation seen once is one reply's text, not a habit of the model
+FOLLOWERS = 8  # next tokens kept per key, the likeliest: a node's children are at most 12
 
 
 class PhraseError(AdapterError):
@@ -32,8 +41,10 @@ class PhraseError(AdapterError):
 
 
 class PhraseTable:
-    def __init__(self, table: dict[tuple[int, ...], list[int]]):
+    def __init__(self, table: dict[tuple[int, ...], list[int]],
+                 followers: dict[tuple[int, ...], dict[int, float]] | None = None):
         self.table = table
+        self.followers = followers or {}  # key -> {next token: its share of what followed the key}
         self.max_key = max((len(k) for k in table), default=0)
 
     def __len__(self) -> int:
@@ -47,19 +58,36 @@ class PhraseTable:
                 return found[:length], n
         return [], 0
 
+    def next_tokens(self, context: Sequence[int]) -> dict[int, float]:
+        """What the model said next after the longest key that ends `context`: {token: share}
+        (the likeliest FOLLOWERS; keys seen at least MIN_COUNT times); empty if no key matches."""
+        for n in range(min(MAX_KEY, len(context)), 0, -1):
+            found = self.followers.get(tuple(context[-n:]))
+            if found:
+                return found
+        return {}
+
     @classmethod
     def build(cls, replies: Iterable[list[int]], min_count: int = MIN_COUNT) -> PhraseTable:
         counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        nexts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
         for reply in replies:
             for i in range(1, len(reply)):
                 for n in range(1, min(MAX_KEY, i) + 1):
-                    counts[tuple(reply[i - n : i])][tuple(reply[i : i + LENGTH])] += 1
+                    key = tuple(reply[i - n : i])
+                    counts[key][tuple(reply[i : i + LENGTH])] += 1
+                    nexts[key][reply[i]] += 1
         table = {}
         for key, seen in counts.items():
             continuation, count = seen.most_common(1)[0]
             if count >= min_count:
                 table[key] = list(continuation)
-        return cls(table)
+        followers = {}
+        for key, seen in nexts.items():
+            total = sum(seen.values())
+            if total >= min_count:
+                followers[key] = {token: count / total for token, count in seen.most_common(FOLLOWERS)}
+        return cls(table, followers)
 
     def save(self, folder: str | Path) -> Path:
         tensors = {}
@@ -69,6 +97,7 @@ class PhraseTable:
             padded = [v + [-1] * (LENGTH - len(v)) for _, v in rows]
             tensors[f"keys_{n}"] = keys
             tensors[f"continuations_{n}"] = torch.tensor(padded, dtype=torch.int32).reshape(len(rows), LENGTH)
+            tensors.update(_packed_followers(self.followers, n))
         path = Path(folder) / PHRASES_FILE
         save_file(tensors, str(path))
         return path
@@ -88,12 +117,43 @@ class PhraseTable:
                     raise KeyError
                 for key, continuation in zip(keys.tolist(), continuations.tolist()):
                     table[tuple(key)] = [t for t in continuation if t >= 0]
-        except (SafetensorError, KeyError, OSError, RuntimeError):
+            followers = _unpacked_followers(tensors)
+        except (SafetensorError, KeyError, OSError, RuntimeError, ValueError):
             raise PhraseError(f"{path} is not a phrase table; delete it or rebuild it with "
                               "python -m specstream.phrases") from None
-        if any(t >= vocab_size or t < 0 for key in table for t in key):
+        if any(t >= vocab_size or t < 0 for key in table for t in key) or any(
+                t >= vocab_size or t < 0 for shares in followers.values() for t in shares):
             raise PhraseError(f"{path} holds token ids outside this model's vocabulary ({vocab_size})")
-        return cls(table)
+        return cls(table, followers)
+
+
+def _packed_followers(followers: dict[tuple[int, ...], dict[int, float]], n: int) -> dict[str, torch.Tensor]:
+    """The followers of n-token keys as flat tensors: keys (K, n), how many followers each (K,),
+    then all followers' tokens and shares in key order (float16: shares only rank drafts)."""
+    rows = [(k, v) for k, v in followers.items() if len(k) == n]
+    return {
+        f"follower_keys_{n}": torch.tensor([k for k, _ in rows], dtype=torch.int32).reshape(len(rows), n),
+        f"follower_counts_{n}": torch.tensor([len(v) for _, v in rows], dtype=torch.int32),
+        f"follower_tokens_{n}": torch.tensor([t for _, v in rows for t in v], dtype=torch.int32),
+        f"follower_shares_{n}": torch.tensor([p for _, v in rows for p in v.values()], dtype=torch.float16),
+    }
+
+
+def _unpacked_followers(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, ...], dict[int, float]]:
+    """`_packed_followers` undone; {} for a table saved before followers existed."""
+    followers: dict[tuple[int, ...], dict[int, float]] = {}
+    for n in range(1, MAX_KEY + 1):
+        if f"follower_keys_{n}" not in tensors:
+            continue
+        keys, counts = tensors[f"follower_keys_{n}"].tolist(), tensors[f"follower_counts_{n}"].tolist()
+        tokens, shares = tensors[f"follower_tokens_{n}"].tolist(), tensors[f"follower_shares_{n}"].float().tolist()
+        if len(keys) != len(counts) or sum(counts) != len(tokens) or len(tokens) != len(shares):
+            raise ValueError("inconsistent followers")
+        start = 0
+        for key, count in zip(keys, counts):
+            followers[tuple(key)] = dict(zip(tokens[start : start + count], shares[start : start + count]))
+            start += count
+    return followers
 
 
 def main(argv: list[str] | None = None) -> None:

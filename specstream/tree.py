@@ -76,16 +76,26 @@ def build_tree(
     stream_tokens: list[list[int]],
     top_k: tuple[int, ...],
     node_budget: int,
+    followers: Callable[[tuple[int, ...]], dict[int, float]] | None = None,
+    history: tuple[int, ...] = (),
+    mix: float = 0.0,
 ) -> DraftTree:
-    """The best `node_budget` nodes of the cartesian tree, ranked by path probability.
+    """The best `node_budget` nodes of the tree of candidates, ranked by path probability.
 
     `stream_probs[d]` and `stream_tokens[d]` are stream d+1's candidates, best first; depth d+1
-    takes its first `top_k[d]`. A child's path probability never exceeds its parent's, so a
-    best-first expansion yields a valid tree: every chosen node's parent was chosen before it.
+    takes its first `top_k[d]`. With `followers` (the phrase table's next-token shares after a
+    context's last tokens) each node's children are ranked by (1 - mix) * the stream's probability
+    + mix * the share that followed the text up to that node (`history`: the tokens before the
+    root, as many as the table's keys are long less one), so siblings' children differ: a stream never sees the tokens
+    between its context and the position it predicts; the table's statistics do. A child's path
+    probability never exceeds its parent's, so a best-first expansion yields a valid tree: every
+    chosen node's parent was chosen before it.
     """
     nodes = [DraftNode(root_token, -1, 0, 1.0, 0, 1.0, "root")]
     depth_limit = min(len(top_k), len(stream_probs))
-    frontier: list[tuple[float, int, int, int]] = []  # (-path_prob, order, parent, rank)
+    keep = len(history) + 1
+    texts = [(*history, root_token)] if followers else []  # each node's last `keep` tokens
+    frontier: list[tuple[float, int, int, int, float]] = []  # (-path_prob, order, parent, token, prob)
     order = 0
 
     def push_children(parent: int) -> None:
@@ -93,18 +103,34 @@ def build_tree(
         depth = nodes[parent].depth
         if depth >= depth_limit:
             return
-        for rank in range(min(top_k[depth], len(stream_probs[depth]))):
-            heapq.heappush(frontier, (-nodes[parent].path_prob * stream_probs[depth][rank], order, parent, rank))
+        ranked = _children(stream_probs[depth], stream_tokens[depth], top_k[depth],
+                           followers(texts[parent]) if followers else None, mix)
+        for token, prob in ranked:
+            heapq.heappush(frontier, (-nodes[parent].path_prob * prob, order, parent, token, prob))
             order += 1
 
     push_children(0)
+    ranks: dict[int, int] = {}  # children drawn per parent so far: the next one's rank
     while frontier and len(nodes) < node_budget:
-        negative_prob, _, parent, rank = heapq.heappop(frontier)
-        depth = nodes[parent].depth
-        prob = stream_probs[depth][rank]
-        nodes.append(DraftNode(stream_tokens[depth][rank], parent, depth + 1, prob, rank, -negative_prob))
+        negative_prob, _, parent, token, prob = heapq.heappop(frontier)
+        rank = ranks.get(parent, 0)
+        ranks[parent] = rank + 1
+        nodes.append(DraftNode(token, parent, nodes[parent].depth + 1, prob, rank, -negative_prob))
+        if followers:
+            texts.append((*texts[parent], token)[-keep:])
         push_children(len(nodes) - 1)
     return DraftTree(tuple(nodes))
+
+
+def _children(probs: list[float], tokens: list[int], k: int, shares: dict[int, float] | None,
+              mix: float) -> list[tuple[int, float]]:
+    """A node's k likeliest children as (token, probability), best first."""
+    if not shares or mix <= 0:
+        return list(zip(tokens[:k], probs[:k]))
+    mixed = {token: (1 - mix) * prob for token, prob in zip(tokens, probs)}
+    for token, share in shares.items():
+        mixed[token] = mixed.get(token, 0.0) + mix * share
+    return sorted(mixed.items(), key=lambda item: -item[1])[:k]
 
 
 def tree_attention_mask(parents: list[int], device=None) -> torch.Tensor:

@@ -141,6 +141,7 @@ def test_drafts_past_the_context_end_are_positioned_too(tiny_dir, dtype):
         (DecodeSettings(top_k=(4, 0)), "top-k"),
         (DecodeSettings(node_budget=10_000), "node budget"),
         (DecodeSettings(prune_threshold=1.5), "pruning threshold"),
+        (DecodeSettings(phrase_mix=-0.1), "phrase mix"),
         (DecodeSettings(gamma=9), "gamma must be 1 to 3"),
     ],
 )
@@ -216,6 +217,23 @@ def test_phrase_table_branch_is_verified_losslessly(tiny_base):
     assert sum(len(r.emitted_tokens) for r in spec[1:]) / (len(spec) - 1) > 2  # copied runs are long
     off = list(specstream_decode(model, [5, 6, 7], replace(settings, phrases=False)))
     assert tokens_of(off) == tokens_of(plain) and not any(n.source == "phrase" for r in off for n in r.nodes)
+
+
+def test_phrase_shares_rank_stream_drafts_losslessly(tiny_base):
+    """A phrase table that knows the model's reply reorders the streams' candidates toward it: more
+    stream drafts are accepted than with the streams alone, and the output stays plain's."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 2))
+    reply = tokens_of(plain_decode(model, [5, 6, 7], DecodeSettings(max_new_tokens=30, stop_at_eos=False)))
+    model.phrases = PhraseTable.build([reply, reply], min_count=2)
+    settings = DecodeSettings(max_new_tokens=24, top_k=(8, 8, 8), node_budget=4, tree="fixed", lookup_tokens=0,
+                              stop_at_eos=False)
+    plain, mixed = decode_both(model, [5, 6, 7], settings)
+    alone = list(specstream_decode(model, [5, 6, 7], replace(settings, phrase_mix=0.0)))
+    assert tokens_of(mixed) == tokens_of(plain) == tokens_of(alone)
+
+    def accepted(records):
+        return sum(n.source == "stream" and n.fate is Fate.ACCEPTED for r in records[1:] for n in r.nodes)
+    assert accepted(mixed) > accepted(alone) + 5
 
 
 def test_auto_stream_pass_is_likely_on_a_cpu_and_joint_on_a_gpu():

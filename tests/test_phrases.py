@@ -21,11 +21,21 @@ def test_longest_key_wins_and_rare_phrases_are_dropped():
     assert PhraseTable.build(REPLIES, min_count=1).continuation([0, 0], 8)[0] == [0]
 
 
+def test_next_tokens_are_shares_after_the_longest_known_key():
+    table = PhraseTable.build(REPLIES, min_count=2)
+    assert table.next_tokens([0, 1, 2, 3]) == {4: 1.0}  # "1 2 3" was followed by 4 both times
+    assert table.next_tokens([5, 5, 2, 3]) == {4: 0.5, 7: 0.5}  # only "2 3" is known: 4 twice, 7 twice
+    assert table.next_tokens([5, 5, 77]) == {}
+    assert table.next_tokens([7, 0, 0]) == {0: 1.0}  # "0 0" seen once only: "0" answers (0 after it twice)
+
+
 def test_saved_table_round_trips_and_bad_files_fail_clearly(tmp_path):
     table = PhraseTable.build(REPLIES, min_count=2)
     table.save(tmp_path)
     loaded = PhraseTable.load(tmp_path, vocab_size=10)
     assert loaded.table == table.table and len(loaded) == len(table)
+    assert loaded.followers.keys() == table.followers.keys()
+    assert all(abs(loaded.followers[k][t] - p) < 1e-3 for k, v in table.followers.items() for t, p in v.items())
     assert PhraseTable.load(tmp_path / "nowhere", vocab_size=10) is None
     with pytest.raises(PhraseError, match="outside this model's vocabulary"):
         PhraseTable.load(tmp_path, vocab_size=5)

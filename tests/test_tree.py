@@ -91,3 +91,23 @@ def test_likely_ends_are_where_the_path_stops_often_enough():
     assert likely_ends(parents, acceptance, 0.25) == [0, 1, 3]
     assert likely_ends(parents, acceptance, 0.0) == [0, 1, 2, 3]
     assert likely_ends(parents, [1.0, 0.9, 0.1, 0.9], 0.5) == [0, 3]  # the root always carries streams
+
+
+def test_phrase_shares_rank_each_nodes_children_by_its_own_text():
+    """With followers, a node's children are ranked by the mix of the stream's probability and the
+    share that followed the text up to that node: siblings get different children, and the text
+    includes the history before the root."""
+    probs, tokens = [[0.5, 0.3, 0.2], [0.4, 0.35, 0.25]], [[10, 11, 12], [20, 21, 22]]
+    shares = {(6, 7): {11: 1.0}, (7, 10): {22: 1.0}, (7, 11): {21: 0.5, 99: 0.5}}
+    tree = build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100, followers=lambda text: shares.get(text[-2:], {}),
+                      history=(6,), mix=0.5)
+    children = {}
+    for node in tree.nodes[1:]:
+        children.setdefault(tree.nodes[node.parent].token, []).append(node.token)
+    assert children[7] == [11, 10]  # 0.5 * 0.3 + 0.5 beats 0.5 * 0.5: the text "6 7" was followed by 11
+    assert children[10] == [22, 20] and children[11] == [21, 99]  # each parent's own followers
+    assert [n.rank for n in tree.nodes if n.parent == 0] == [0, 1]
+    assert all(n.path_prob <= tree.nodes[n.parent].path_prob for n in tree.nodes[1:])
+    plain = build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100)
+    assert build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100, followers=lambda text: {}, history=(6,),
+                      mix=0.5) == plain  # no shares: the streams' own ranking

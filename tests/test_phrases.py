@@ -29,6 +29,15 @@ def test_next_tokens_are_shares_after_the_longest_known_key():
     assert table.next_tokens([7, 0, 0]) == {0: 1.0}  # "0 0" seen once only: "0" answers (0 after it twice)
 
 
+def test_only_the_most_seen_keys_are_kept(monkeypatch):
+    from specstream import phrases
+    monkeypatch.setattr(phrases, "MAX_FOLLOWER_KEYS", 2)
+    monkeypatch.setattr(phrases, "MAX_PHRASES", 3)
+    table = PhraseTable.build(REPLIES, min_count=2)
+    assert set(table.followers) == {(2,), (3,)}  # "2", "3" and "2 3" seen 4 times, first seen first; the rest twice
+    assert len(table.table) <= 3
+
+
 def test_saved_table_round_trips_and_bad_files_fail_clearly(tmp_path):
     table = PhraseTable.build(REPLIES, min_count=2)
     table.save(tmp_path)

@@ -296,6 +296,18 @@ def test_timed_passes_correct_a_depth_the_tables_mispriced():
     assert choose_depth(stats, (3, 3, 3), tables, 64, times=times).depth == 1
 
 
+def test_a_depth_that_yields_less_than_planned_is_corrected():
+    """Priced right but over-expected: depth 3's plans expected 2 tokens a pass and got 1.6, depth 1's
+    got what they expected; the depth choice follows what the passes yielded."""
+    stats, tables = _mispriced()
+    times = PassTimes()
+    for _ in range(50):
+        times.observe(1, seconds=0.011, predicted=0.011, tokens=2.0, expected=2.0)
+        times.observe(3, seconds=0.011, predicted=0.011, tokens=1.6, expected=2.0)
+    assert times.factor(3) > 1.0 > times.factor(1)
+    assert choose_depth(stats, (3, 3, 3), tables, 64, times=times).depth == 1
+
+
 def test_a_depth_never_planned_is_timed_now_and_then():
     stats, tables = _mispriced()
     times = PassTimes()

@@ -28,6 +28,10 @@ SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # Nodes that carry streams in a pass of stream_pass "likely", for its cost table: 16 Spec-Bench prompts
 # averaged 2.4 to 3.1 (the root and the likeliest one or two drafts); the rare second pass is not priced.
 LIKELY_SOURCES = 3
+# Start-up tables are measured again (up to MEASURE_ATTEMPTS times, keeping the least skewed) while a
+# depth's one-node pass strays more than MAX_SKEW from the plain step: a busy moment on a shared machine
+# can slow one depth's rows of every round.
+MEASURE_ATTEMPTS, MAX_SKEW = 3, 0.15
 # The sizes one node's cost is fitted over: about what a copied chain adds on top of a small tree.
 NODE_SPAN = 16
 _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -212,10 +216,26 @@ def _tree_tables(model: SpeculativeModel, plain: float, deferred: bool, sources:
     30.5 ms at depth 3 and 33.2 at depth 1 in one 80-prompt run (within a table the sizes' ratios
     repeat within 2-3 %), and that run drafted deeper trees: tau 2.15 but 1.47x plain, against
     tau 1.98 and 1.51x in the run before."""
-    raw = tree_seconds(model, list(SIZES), list(range(1, model.gamma + 1)), repeats=5, deferred=deferred,
-                       sources=sources, reference=True)
-    reference = raw.pop(0)[0]
-    return {depth: {size: seconds * plain / reference for size, seconds in table.items()} for depth, table in raw.items()}
+    best = None
+    for _ in range(MEASURE_ATTEMPTS):
+        raw = tree_seconds(model, list(SIZES), list(range(1, model.gamma + 1)), repeats=5, deferred=deferred,
+                           sources=sources, reference=True)
+        reference = raw.pop(0)[0]
+        skew = 0.0 if deferred else _skew(raw, reference)  # a deferred one-node pass has its second pass
+        if best is None or skew < best[0]:
+            best = (skew, {depth: {size: seconds * plain / reference for size, seconds in table.items()}
+                           for depth, table in raw.items()})
+        if skew <= MAX_SKEW:
+            break
+    return best[1]
+
+
+def _skew(raw: dict[int, dict[int, float]], reference: float) -> float:
+    """How far the tables' one-node passes, which compute no streams at any depth and so are plain
+    steps, strayed from the plain step timed in the same rounds (0.1: 10 %). In one benchmark's start-up
+    the depth-1 and -2 tables read 50.6 and 52.8 ms for them, depth 3 35.4 and the plain step 36.9: the
+    auto tree then saw depth 3 as the cheapest and drafted it, 1.48x plain at tau 2.27 (out/bench-80-29.json)."""
+    return max(abs(table[1] / reference - 1.0) for table in raw.values() if 1 in table)
 
 
 def nondecreasing(table: dict[int, float]) -> dict[int, float]:

@@ -80,11 +80,13 @@ class PhraseTable:
                     key = tuple(reply[i - n : i])
                     counts[key][tuple(reply[i : i + LENGTH])] += 1
                     nexts[key][reply[i]] += 1
-        habits = {key: seen for key, seen in counts.items() if seen.most_common(1)[0][1] >= min_count}
-        table = {key: list(seen.most_common(1)[0][0]) for key, seen in _most_seen(habits, MAX_PHRASES)}
-        known = {key: seen for key, seen in nexts.items() if sum(seen.values()) >= min_count}
-        followers = {key: {token: count / sum(seen.values()) for token, count in seen.most_common(FOLLOWERS)}
-                     for key, seen in _most_seen(known, MAX_FOLLOWER_KEYS)}
+        seen = {key: sum(after.values()) for key, after in nexts.items()}  # how often each key occurred
+        best = {key: after.most_common(1)[0] for key, after in counts.items()}
+        habits = [key for key, (_, count) in best.items() if count >= min_count]
+        table = {key: list(best[key][0]) for key in _most_seen(habits, seen, MAX_PHRASES)}
+        known = [key for key, total in seen.items() if total >= min_count]
+        followers = {key: {token: count / seen[key] for token, count in nexts[key].most_common(FOLLOWERS)}
+                     for key in _most_seen(known, seen, MAX_FOLLOWER_KEYS)}
         return cls(table, followers)
 
     def save(self, folder: str | Path) -> Path:
@@ -125,13 +127,12 @@ class PhraseTable:
         return cls(table, followers)
 
 
-def _most_seen(counts: dict[tuple[int, ...], Counter], limit: int) -> list[tuple[tuple[int, ...], Counter]]:
+def _most_seen(keys: list[tuple[int, ...]], seen: dict[tuple[int, ...], int], limit: int) -> list[tuple[int, ...]]:
     """The `limit` keys seen most often (first seen first among equals), in first-seen order."""
-    if len(counts) <= limit:
-        return list(counts.items())
-    totals = {key: sum(seen.values()) for key, seen in counts.items()}
-    kept = set(sorted(totals, key=lambda key: -totals[key])[:limit])  # a stable sort keeps ties in order
-    return [(key, seen) for key, seen in counts.items() if key in kept]
+    if len(keys) <= limit:
+        return keys
+    kept = set(sorted(keys, key=lambda key: -seen[key])[:limit])  # a stable sort keeps ties in order
+    return [key for key in keys if key in kept]
 
 
 def _packed_followers(followers: dict[tuple[int, ...], dict[int, float]], n: int) -> dict[str, torch.Tensor]:

@@ -211,7 +211,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     settings = DecodeSettings(
         top_k=tuple(int(k) for k in args.top_k.split(",")), node_budget=args.node_budget,
         prune_threshold=args.prune_threshold, gamma=args.gamma, tree=args.tree, lookup_tokens=args.lookup_tokens,
-        stream_pass=args.stream_pass, phrase_mix=args.phrase_mix,
+        stream_pass=args.stream_pass, phrase_mix=args.phrase_mix, context_mix=args.context_mix,
     ).validate(model)
     if not args.kept_costs:
         measure_afresh(model)
@@ -326,7 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prompt-lookup branch length; 0 = off")
     parser.add_argument("--stream-pass", default=DecodeSettings.stream_pass, choices=STREAM_PASSES)
     parser.add_argument("--phrase-mix", type=float, default=DecodeSettings.phrase_mix,
-                        help="weight of the phrase table's next-token shares in ranking drafts; 0 = the streams alone")
+                        help="weight of the phrase table's next-token shares in ranking drafts; 0 = off")
+    parser.add_argument("--context-mix", type=float, default=DecodeSettings.context_mix,
+                        help="weight of the next-token shares in the prompt and reply so far in ranking drafts; 0 = off")
     parser.add_argument("--report", type=Path, nargs="?", const=Path("assets"), default=None,
                         help="write results.md and results.png into this folder (default: assets/)")
     parser.add_argument("--kept-costs", action="store_true",

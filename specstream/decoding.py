@@ -15,13 +15,14 @@ from typing import Callable, Iterator
 import torch
 
 from .autotree import PRIOR_LOOKUP, AcceptanceStats, CopiedStats, CopyKind, PassTimes, Plan, TreePlanner
+from .context_grams import ContextGrams
 from .costs import PassCosts, device_costs
 from .records import NodeRecord, StepRecord
 from .streams import SpeculativeModel
 from .lookup import lookup_match
 from .phrases import MAX_KEY
-from .tree import (DraftTree, Fate, accept_longest_path, build_tree, graft_chain, likely_ends, node_fates, prune_by_score,
-                   tree_attention_mask)
+from .tree import (DraftTree, Fate, Followers, accept_longest_path, build_tree, graft_chain, likely_ends, node_fates,
+                   prune_by_score, tree_attention_mask)
 
 TokenText = Callable[[int], str]
 MAX_NODE_BUDGET = 256  # beyond this a pass costs more than it can win on any device we target
@@ -31,6 +32,10 @@ STREAM_PASSES = ("auto", "joint", "deferred", "likely")
 # this chance. A node's streams cost its gamma rows through the top layers (about 0.3 ms a row on a
 # 2-core Xeon); a pass that ends at a node without them costs a second pass (about 5 ms).
 LIKELY_END = 0.1
+# The text's own shares rank what prompt lookup's chain already copies, so they only add where a
+# tree has room beyond it. On 16 Spec-Bench prompts: tau 2.39 -> 2.36 with 8 nodes, 2.63 -> 2.64
+# with 24 (fixed trees), 2.68 -> 2.76 with the flat GPU-like costs' trees of up to 128.
+CONTEXT_MIN_NODES = 32
 # Whether the auto tree corrects its pass-cost tables by the passes it times (autotree.PassTimes).
 CORRECT_COSTS = True
 
@@ -64,6 +69,10 @@ class DecodeSettings:
     # table's share of that token after the text up to the node (phrases.py: streams 1 / 2 / 3 top-1
     # 38.7 / 21.1 / 13.2 % -> 42.1 / 30.1 / 26.3 % on Spec-Bench replies); 0 = the streams alone.
     phrase_mix: float = 0.35
+    # And + this * the share of that token after the same text earlier in the prompt and reply, in
+    # trees of at least CONTEXT_MIN_NODES nodes (context_grams.py: with phrase_mix 0.25, streams
+    # 1 / 2 / 3 top-1 41.6 / 31.1 / 27.1 % -> 50.4 / 46.5 / 46.0 % on Spec-Bench replies); 0 = off.
+    context_mix: float = 0.3
     # "joint": every tree node carries its streams through the top layers (the paper's single
     # pass). "deferred": only the deepest accepted node's streams, in a short second pass over the
     # top layers (same drafts, fewer rows, one more pass). "likely": streams only at the nodes where
@@ -93,8 +102,10 @@ class DecodeSettings:
             problems.append(f"tree must be auto or fixed, not '{self.tree}'")
         if self.stream_pass not in STREAM_PASSES:
             problems.append(f"stream pass must be one of {', '.join(STREAM_PASSES)}, not '{self.stream_pass}'")
-        if not 0.0 <= self.phrase_mix <= 1.0:
-            problems.append(f"phrase mix must be 0 to 1, not {self.phrase_mix}")
+        if not (0.0 <= self.phrase_mix <= 1.0 and 0.0 <= self.context_mix <= 1.0
+                and self.phrase_mix + self.context_mix <= 1.0):
+            problems.append(f"phrase and context mix must be 0 to 1 and together at most 1, not {self.phrase_mix} "
+                            f"and {self.context_mix}")
         if not 0.0 <= self.prune_threshold < 1.0:
             problems.append(f"pruning threshold must be at least 0 and below 1, not {self.prune_threshold}")
         streams = model.gamma if model else 8
@@ -224,31 +235,41 @@ def plain_decode(
 
 
 def _next_draft(
-    model, stream_hidden: torch.Tensor, context: list[int], settings: DecodeSettings, depth: int,
+    model, stream_hidden: torch.Tensor, grams: ContextGrams, settings: DecodeSettings, depth: int,
     planner: TreePlanner | None,
 ) -> tuple[DraftTree, CopyKind | None]:
     """stream_hidden (gamma, d) of the deepest accepted node -> the best tree of top-k tokens per
-    depth below the last token of `context`, plus a copied branch; sizes from the auto tree's plan,
+    depth below the last token of the text so far, plus a copied branch; sizes from the auto tree's plan,
     else from the settings. Also the kind of copied chain the text offered, if any."""
+    context = grams.tokens  # the prompt and the reply so far
     plan = planner.plan if planner else None
     budget = plan.node_budget if plan else settings.node_budget
     depth = min(_planned_depth(plan, depth), len(stream_hidden))
     top_probs, top_tokens = model.draft_topk(stream_hidden[:depth], max(settings.top_k[:depth]))
-    table = model.phrases if settings.phrases and settings.phrase_mix > 0 and model.phrases else None
+    offered, kind = _copied_chain(model, context, settings, settings.lookup_tokens)
+    chain = offered[: planner.chain_length(kind)] if offered and planner else offered
     tree = build_tree(context[-1], top_probs.tolist(), top_tokens.tolist(), settings.top_k[:depth], budget,
-                      table.next_tokens if table else None, tuple(context[-MAX_KEY:-1]), settings.phrase_mix)
-    if not settings.lookup_tokens:
+                      _followers(model, grams, settings, budget), tuple(context[-MAX_KEY:-1]), chain)
+    if not offered:
         return tree, None
-    chain, kind = _copied_chain(model, context, settings, settings.lookup_tokens)
-    if not chain:
-        return tree, None
-    length = planner.chain_length(kind) if planner else settings.lookup_tokens
-    return graft_chain(tree, chain[:length], kind[0]), kind
+    return graft_chain(tree, chain, kind[0]), kind
+
+
+def _followers(model, grams: ContextGrams, settings: DecodeSettings, budget: int) -> list[tuple[float, Followers]]:
+    """The sources that rank the streams' candidates in a tree of `budget` nodes, with their weights."""
+    sources: list[tuple[float, Followers]] = []
+    if settings.phrases and model.phrases and settings.phrase_mix > 0:
+        sources.append((settings.phrase_mix, model.phrases.next_tokens))
+    if settings.context_mix > 0 and budget >= CONTEXT_MIN_NODES:
+        sources.append((settings.context_mix, grams.next_tokens))
+    return sources
 
 
 def _copied_chain(model, context: list[int], settings: DecodeSettings, length: int) -> tuple[list[int], CopyKind]:
-    """Prompt lookup's continuation, or the phrase table's where its key is the longer match:
+    """([], ...) with prompt lookup off; else prompt lookup's continuation, or the phrase table's where its key is the longer match:
     a longer shared ending is the better predictor of what follows (measured offline)."""
+    if length <= 0:
+        return [], ("lookup", 0)
     copied, matched = lookup_match(context, settings.lookup_ngram, length)
     table = model.phrases if settings.phrases else None
     if table is not None:
@@ -272,7 +293,8 @@ def specstream_decode(
     plan = planner.plan if planner else None
     started = time.perf_counter()
     first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
-    tree, kind = _next_draft(model, out.stream_hidden[0], prompt_ids + [first], settings, depth, planner)
+    grams = ContextGrams([*prompt_ids, first])
+    tree, kind = _next_draft(model, out.stream_hidden[0], grams, settings, depth, planner)
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -289,7 +311,8 @@ def specstream_decode(
         tree_done, plan_done, kind_done = tree, plan, kind
         if not reason:
             plan = planner.plan if planner else None
-            tree, kind = _next_draft(model, pass_result.stream_hidden, prompt_ids + run.tokens, settings, depth, planner)
+            grams.extend(emitted)
+            tree, kind = _next_draft(model, pass_result.stream_hidden, grams, settings, depth, planner)
         _sync(device)
         seconds = time.perf_counter() - started
         nodes = _node_records(tree_done, pass_result, token_text)

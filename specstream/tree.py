@@ -10,9 +10,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+# A draft source beside the streams: the next-token shares after a text's last tokens ({} if unknown).
+Followers = Callable[[tuple[int, ...]], dict[int, float]]
 
 
 class Fate(str, Enum):
@@ -76,20 +79,23 @@ def build_tree(
     stream_tokens: list[list[int]],
     top_k: tuple[int, ...],
     node_budget: int,
-    followers: Callable[[tuple[int, ...]], dict[int, float]] | None = None,
+    followers: Sequence[tuple[float, Followers]] = (),
     history: tuple[int, ...] = (),
-    mix: float = 0.0,
+    free: Sequence[int] = (),
 ) -> DraftTree:
     """The best `node_budget` nodes of the tree of candidates, ranked by path probability.
 
     `stream_probs[d]` and `stream_tokens[d]` are stream d+1's candidates, best first; depth d+1
-    takes its first `top_k[d]`. With `followers` (the phrase table's next-token shares after a
-    context's last tokens) each node's children are ranked by (1 - mix) * the stream's probability
-    + mix * the share that followed the text up to that node (`history`: the tokens before the
-    root, as many as the table's keys are long less one), so siblings' children differ: a stream never sees the tokens
-    between its context and the position it predicts; the table's statistics do. A child's path
+    takes its first `top_k[d]`. `followers` are (weight, source) pairs, a source giving the next-token
+    shares after a text's last tokens (the phrase table's, the conversation's own): each node's
+    children are ranked by the weighted sum of the shares that followed the text up to that node
+    (`history`: the tokens before the root, as many as the longest key less one) and, with the
+    weight left, the stream's probability. So siblings' children differ: a stream never sees the
+    tokens between its context and the position it predicts; the sources' statistics do. A child's path
     probability never exceeds its parent's, so a best-first expansion yields a valid tree: every
-    chosen node's parent was chosen before it.
+    chosen node's parent was chosen before it. Nodes on `free`, a chain that will be grafted below
+    the root anyway (`graft_chain`), cost no budget: the text's shares often rank the same tokens
+    that prompt lookup copies, and a budget spent twice on them would leave the tree smaller.
     """
     nodes = [DraftNode(root_token, -1, 0, 1.0, 0, 1.0, "root")]
     depth_limit = min(len(top_k), len(stream_probs))
@@ -104,32 +110,41 @@ def build_tree(
         if depth >= depth_limit:
             return
         ranked = _children(stream_probs[depth], stream_tokens[depth], top_k[depth],
-                           followers(texts[parent]) if followers else None, mix)
+                           [(weight, source(texts[parent])) for weight, source in followers])
         for token, prob in ranked:
             heapq.heappush(frontier, (-nodes[parent].path_prob * prob, order, parent, token, prob))
             order += 1
 
     push_children(0)
     ranks: dict[int, int] = {}  # children drawn per parent so far: the next one's rank
-    while frontier and len(nodes) < node_budget:
+    on_free = [True]  # whether each node lies on the free chain (the root does)
+    spent = 1
+    while frontier and spent < node_budget:
         negative_prob, _, parent, token, prob = heapq.heappop(frontier)
         rank = ranks.get(parent, 0)
         ranks[parent] = rank + 1
-        nodes.append(DraftNode(token, parent, nodes[parent].depth + 1, prob, rank, -negative_prob))
+        depth = nodes[parent].depth
+        on_free.append(on_free[parent] and depth < len(free) and free[depth] == token)
+        spent += not on_free[-1]
+        nodes.append(DraftNode(token, parent, depth + 1, prob, rank, -negative_prob))
         if followers:
             texts.append((*texts[parent], token)[-keep:])
         push_children(len(nodes) - 1)
     return DraftTree(tuple(nodes))
 
 
-def _children(probs: list[float], tokens: list[int], k: int, shares: dict[int, float] | None,
-              mix: float) -> list[tuple[int, float]]:
-    """A node's k likeliest children as (token, probability), best first."""
-    if not shares or mix <= 0:
+def _children(probs: list[float], tokens: list[int], k: int,
+              found: list[tuple[float, dict[int, float]]]) -> list[tuple[int, float]]:
+    """A node's k likeliest children as (token, probability), best first. A source that knows
+    nothing after this text gives its weight back to the stream."""
+    found = [(weight, shares) for weight, shares in found if shares and weight > 0]
+    if not found:
         return list(zip(tokens[:k], probs[:k]))
-    mixed = {token: (1 - mix) * prob for token, prob in zip(tokens, probs)}
-    for token, share in shares.items():
-        mixed[token] = mixed.get(token, 0.0) + mix * share
+    stream_weight = 1 - sum(weight for weight, _ in found)
+    mixed = {token: stream_weight * prob for token, prob in zip(tokens, probs)}
+    for weight, shares in found:
+        for token, share in shares.items():
+            mixed[token] = mixed.get(token, 0.0) + weight * share
     return sorted(mixed.items(), key=lambda item: -item[1])[:k]
 
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from specstream import decoding
 from specstream.decoding import DecodeSettings, SettingsError, plain_decode, specstream_decode
 from specstream.phrases import PhraseTable
 from specstream.streams import SpeculativeModel
@@ -141,7 +142,8 @@ def test_drafts_past_the_context_end_are_positioned_too(tiny_dir, dtype):
         (DecodeSettings(top_k=(4, 0)), "top-k"),
         (DecodeSettings(node_budget=10_000), "node budget"),
         (DecodeSettings(prune_threshold=1.5), "pruning threshold"),
-        (DecodeSettings(phrase_mix=-0.1), "phrase mix"),
+        (DecodeSettings(phrase_mix=-0.1), "phrase and context mix"),
+        (DecodeSettings(phrase_mix=0.6, context_mix=0.6), "together at most 1"),
         (DecodeSettings(gamma=9), "gamma must be 1 to 3"),
     ],
 )
@@ -195,10 +197,15 @@ def test_draft_vocabulary_limits_drafts_not_outputs(tiny_base):
     allowed = [2] + list(range(9, 20))
     adapter.draft_vocab.copy_(torch.tensor(allowed))
     model = SpeculativeModel(tiny_base.weights, adapter)
-    plain, spec = decode_both(model, [5, 9, 11], WIDE)
+    plain, spec = decode_both(model, [5, 9, 11], replace(WIDE, context_mix=0.0))
     assert tokens_of(spec) == tokens_of(plain)
     drafted = {n.token_id for r in spec for n in r.nodes if n.source == "stream"}
     assert drafted and drafted <= set(allowed)
+    # The text's own next-token shares may rank in tokens the streams cannot draft: only the text's.
+    shared = list(specstream_decode(model, [5, 9, 11], WIDE))
+    assert tokens_of(shared) == tokens_of(plain)
+    drafted = {n.token_id for r in shared for n in r.nodes if n.source == "stream"}
+    assert drafted <= set(allowed) | {5, 9, 11, *tokens_of(plain)}
     full = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 5))  # same weights, whole vocabulary
     assert {n.token_id for r in specstream_decode(full, [5, 9, 11], WIDE) for n in r.nodes} - set(allowed)
 
@@ -234,6 +241,29 @@ def test_phrase_shares_rank_stream_drafts_losslessly(tiny_base):
     def accepted(records):
         return sum(n.source == "stream" and n.fate is Fate.ACCEPTED for r in records[1:] for n in r.nodes)
     assert accepted(mixed) > accepted(alone) + 5
+
+
+def test_context_shares_rank_stream_drafts_losslessly(tiny_base, monkeypatch):
+    """The tiny random model repeats itself: the text's own next-token shares rank the streams'
+    candidates toward what it said before, so more stream drafts are accepted than with the streams
+    alone (25 against 7 here), and the output stays plain's. Trees below CONTEXT_MIN_NODES ignore them."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 2))
+    small = DecodeSettings(max_new_tokens=20, top_k=(8, 8, 8), node_budget=4, tree="fixed", stop_at_eos=False)
+    assert [r.nodes for r in specstream_decode(model, [5, 6, 7], small)] == [
+        r.nodes for r in specstream_decode(model, [5, 6, 7], replace(small, context_mix=0.0))]
+    monkeypatch.setattr(decoding, "CONTEXT_MIN_NODES", 1)
+    settings = DecodeSettings(max_new_tokens=40, top_k=(8, 8, 8), node_budget=4, tree="fixed", lookup_tokens=0,
+                              phrase_mix=0.0, stop_at_eos=False)
+
+    def accepted(records):
+        return sum(n.source == "stream" and n.fate is Fate.ACCEPTED for r in records[1:] for n in r.nodes)
+    mixed_total = alone_total = 0
+    for prompt in ([5, 6, 7], [9, 11], [3, 4, 5, 6]):
+        plain, mixed = decode_both(model, prompt, settings)
+        alone = list(specstream_decode(model, prompt, replace(settings, context_mix=0.0)))
+        assert tokens_of(mixed) == tokens_of(plain) == tokens_of(alone)
+        mixed_total, alone_total = mixed_total + accepted(mixed), alone_total + accepted(alone)
+    assert mixed_total > 2 * alone_total and mixed_total >= alone_total + 10
 
 
 def test_auto_stream_pass_is_likely_on_a_cpu_and_joint_on_a_gpu():

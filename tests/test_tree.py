@@ -99,8 +99,8 @@ def test_phrase_shares_rank_each_nodes_children_by_its_own_text():
     includes the history before the root."""
     probs, tokens = [[0.5, 0.3, 0.2], [0.4, 0.35, 0.25]], [[10, 11, 12], [20, 21, 22]]
     shares = {(6, 7): {11: 1.0}, (7, 10): {22: 1.0}, (7, 11): {21: 0.5, 99: 0.5}}
-    tree = build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100, followers=lambda text: shares.get(text[-2:], {}),
-                      history=(6,), mix=0.5)
+    tree = build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100, followers=[(0.5, lambda text: shares.get(text[-2:], {}))],
+                      history=(6,))
     children = {}
     for node in tree.nodes[1:]:
         children.setdefault(tree.nodes[node.parent].token, []).append(node.token)
@@ -109,5 +109,17 @@ def test_phrase_shares_rank_each_nodes_children_by_its_own_text():
     assert [n.rank for n in tree.nodes if n.parent == 0] == [0, 1]
     assert all(n.path_prob <= tree.nodes[n.parent].path_prob for n in tree.nodes[1:])
     plain = build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100)
-    assert build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100, followers=lambda text: {}, history=(6,),
-                      mix=0.5) == plain  # no shares: the streams' own ranking
+    assert build_tree(7, probs, tokens, top_k=(2, 2), node_budget=100, followers=[(0.5, lambda text: {})],
+                      history=(6,)) == plain  # no shares: the streams' own ranking
+
+
+def test_nodes_on_the_chain_to_be_grafted_cost_no_budget():
+    """The stream tree may rank the copied chain's tokens itself; those nodes merge with the chain
+    when it is grafted, so they must not take the place of other candidates."""
+    probs, tokens = [[0.6, 0.3, 0.1], [0.7, 0.2, 0.1]], [[10, 11, 12], [20, 21, 22]]
+    plain = build_tree(7, probs, tokens, top_k=(3, 3), node_budget=4)
+    free = build_tree(7, probs, tokens, top_k=(3, 3), node_budget=4, free=(10, 20, 30))
+    assert [n.token for n in plain.nodes] == [7, 10, 20, 11]
+    assert [n.token for n in free.nodes] == [7, 10, 20, 11, 20, 21]  # 10 and 20 below it were free
+    grafted = graft_chain(free, [10, 20, 30])
+    assert len(grafted) == len(graft_chain(plain, [10, 20, 30])) + 2  # the same chain, two more candidates

@@ -24,8 +24,6 @@ from .loading import ModelLoadError, load_base_model
 VARIANTS: dict[str, dict | None] = {
     "plain": None,
     "default (auto tree, prompt lookup, phrase table)": {},
-    "no context shares": {"context_mix": 0.0},
-    "no phrase shares": {"phrase_mix": 0.0},
     "streams' own ranking (no shares)": {"phrase_mix": 0.0, "context_mix": 0.0},
     "no phrase table (auto tree, prompt lookup)": {"phrases": False},
     "no copied branch (auto tree)": {"lookup_tokens": 0},

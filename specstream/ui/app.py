@@ -116,8 +116,8 @@ def _replay(ui: SimpleNamespace) -> None:
             gr.Markdown("Green: accepted (bold: the accepted path) · red: rejected by the main stream · "
                         "grey: pruned early · pale: never verified · diamonds: copied from earlier text (prompt lookup) · "
                         "squares: a frequent phrase of the model (phrase table). Hover a node for its stream, draft "
-                        "probability (the stream's, mixed with how often the model's own replies and this conversation "
-                        "went on that way), "
+                        "probability (the stream's, mixed with how often the model's own replies, and in trees of 32 "
+                        "nodes or more this conversation, went on that way), "
                         "rank, pruning score and the main stream's own choice.", elem_classes="ss-note")
         with gr.Column(scale=2, min_width=340):
             ui.tree = gr.Plot(figures.tree_figure(None), show_label=False, elem_id="ss-tree")

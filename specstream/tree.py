@@ -94,8 +94,8 @@ def build_tree(
     tokens between its context and the position it predicts; the sources' statistics do. A child's path
     probability never exceeds its parent's, so a best-first expansion yields a valid tree: every
     chosen node's parent was chosen before it. Nodes on `free`, a chain that will be grafted below
-    the root anyway (`graft_chain`), cost no budget: the text's shares often rank the same tokens
-    that prompt lookup copies, and a budget spent twice on them would leave the tree smaller.
+    the root anyway (`graft_chain`), cost no budget: the streams, and the shares ranking them, often
+    propose the tokens prompt lookup copies, and those nodes merge with the chain when it is grafted.
     """
     nodes = [DraftNode(root_token, -1, 0, 1.0, 0, 1.0, "root")]
     depth_limit = min(len(top_k), len(stream_probs))
@@ -118,7 +118,7 @@ def build_tree(
     push_children(0)
     ranks: dict[int, int] = {}  # children drawn per parent so far: the next one's rank
     on_free = [True]  # whether each node lies on the free chain (the root does)
-    spent = 1
+    spent = 1  # nodes that count against the budget, the root included
     while frontier and spent < node_budget:
         negative_prob, _, parent, token, prob = heapq.heappop(frontier)
         rank = ranks.get(parent, 0)

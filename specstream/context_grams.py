@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
-from .phrases import FOLLOWERS, MAX_KEY
+from .phrases import FOLLOWERS, MAX_KEY, longest_ending
 
 
 class ContextGrams:
@@ -40,9 +40,8 @@ class ContextGrams:
         """What followed the longest key that ends `context` earlier in the text: {token: share} of
         its FOLLOWERS likeliest; empty if no ending occurred before."""
         self._count_new()
-        for n in range(min(MAX_KEY, len(context)), 0, -1):
-            found = self.counts.get(tuple(context[-n:]))
-            if found:
-                total = sum(found.values())
-                return {token: count / total for token, count in found.most_common(FOLLOWERS)}
-        return {}
+        found, _ = longest_ending(self.counts, context, MAX_KEY)
+        if not found:
+            return {}
+        total = sum(found.values())
+        return {token: count / total for token, count in found.most_common(FOLLOWERS)}

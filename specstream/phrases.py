@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import AdapterError
 
+V = TypeVar("V")
 PHRASES_FILE = "phrases.safetensors"
 MAX_KEY = 3
 LENGTH = 8
@@ -55,20 +57,13 @@ class PhraseTable:
 
     def continuation(self, context: list[int], length: int) -> tuple[list[int], int]:
         """The stored continuation of the longest key that ends the context, and that key's length."""
-        for n in range(min(self.max_key, len(context)), 0, -1):
-            found = self.table.get(tuple(context[-n:]))
-            if found:
-                return found[:length], n
-        return [], 0
+        found, n = longest_ending(self.table, context, self.max_key)
+        return (found[:length], n) if found else ([], 0)
 
     def next_tokens(self, context: Sequence[int]) -> dict[int, float]:
         """What the model said next after the longest key that ends `context`: {token: share}
         (the likeliest FOLLOWERS; keys seen at least MIN_COUNT times); empty if no key matches."""
-        for n in range(min(MAX_KEY, len(context)), 0, -1):
-            found = self.followers.get(tuple(context[-n:]))
-            if found:
-                return found
-        return {}
+        return longest_ending(self.followers, context, MAX_KEY)[0] or {}
 
     @classmethod
     def build(cls, replies: Iterable[list[int]], min_count: int = MIN_COUNT) -> PhraseTable:
@@ -125,6 +120,16 @@ class PhraseTable:
                 t >= vocab_size or t < 0 for shares in followers.values() for t in shares):
             raise PhraseError(f"{path} holds token ids outside this model's vocabulary ({vocab_size})")
         return cls(table, followers)
+
+
+def longest_ending(keyed: Mapping[tuple[int, ...], V], context: Sequence[int], max_key: int) -> tuple[V | None, int]:
+    """The non-empty value of the longest key (of at most `max_key` tokens) that ends `context`, and
+    that key's length; (None, 0) if none does."""
+    for n in range(min(max_key, len(context)), 0, -1):
+        found = keyed.get(tuple(context[-n:]))
+        if found:
+            return found, n
+    return None, 0
 
 
 def _most_seen(keys: list[tuple[int, ...]], seen: dict[tuple[int, ...], int], limit: int) -> list[tuple[int, ...]]:

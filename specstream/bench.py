@@ -13,8 +13,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -198,6 +200,7 @@ def machine_info(base: BaseModel) -> dict:
 
 
 def benchmark(args: argparse.Namespace) -> dict:
+    started = time.monotonic()  # the time limit covers loading, cost tables and warm-up too
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -220,17 +223,56 @@ def benchmark(args: argparse.Namespace) -> dict:
     for method in methods:  # warm-up: first-call allocations and kernel selection
         runner.run(method, prompt_ids[0], WARMUP_TOKENS)
     runs = {m: (lambda ids, m=m: runner.run(m, ids, args.max_new_tokens)) for m in methods}
-    outcomes = run_interleaved(runs, prompt_ids, quiet=args.quiet)
-    return report(args, base, model, runner, methods, prompts, prompt_ids, outcomes)
+    with StopRequest(args.time_limit, since=started) as stop:
+        outcomes = run_interleaved(runs, prompt_ids, quiet=args.quiet, stop=stop)
+    done = len(outcomes[methods[0]])
+    result = report(args, base, model, runner, methods, prompts[:done], prompt_ids[:done], outcomes)
+    return result | {"prompts_requested": len(prompts), "stopped_early": stop.reason}
+
+
+class StopRequest:
+    """Why to start no further prompt: a time limit passed, or SIGTERM / Ctrl-C arrived. The prompt under
+    way still finishes, so every method has run on the same prompts and the report of them stays paired;
+    a long run cut short (`timeout`, a lease ending, a key pressed) keeps what it measured. A second
+    signal stops at once."""
+
+    def __init__(self, seconds: float = 0.0, since: float | None = None):
+        since = time.monotonic() if since is None else since
+        self.deadline = since + seconds if seconds > 0 else None
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __call__(self) -> str | None:
+        if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = "time limit"
+        return self.reason
+
+    def _on_signal(self, number, frame) -> None:
+        self.reason = f"{signal.Signals(number).name} received"
+        signal.signal(number, self._previous[number])  # a second one acts as usual
+        print(f"\n{self.reason}: finishing the prompt under way, then reporting", file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def run_interleaved(runs: dict[str, Callable[[list[int]], Outcome]], prompt_ids: list[list[int]],
-                    quiet: bool = False) -> dict[str, list[Outcome]]:
+                    quiet: bool = False, stop: Callable[[], str | None] = lambda: None) -> dict[str, list[Outcome]]:
     """Every run on prompt 1, then on prompt 2, ...; the first one rotates so none always runs right
-    after another's caches and allocations."""
+    after another's caches and allocations. Once `stop()` gives a reason no further prompt starts (the
+    first always runs, so there is something to report)."""
     names = list(runs)
     outcomes: dict[str, list[Outcome]] = {name: [] for name in names}
     for i, ids in enumerate(tqdm(prompt_ids, desc="prompts", file=sys.stderr, disable=quiet)):
+        if i and stop():
+            break
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             outcomes[name].append(runs[name](ids))
@@ -300,6 +342,8 @@ def print_summary(result: dict) -> None:
     if result["speedup_vs_plain"]:
         print(f"specstream speedup over plain: {result['speedup_vs_plain']:.2f}x")
     print(f"identical outputs: {result['identical_outputs']} of {result['prompts']}")
+    if result.get("stopped_early"):
+        print(f"stopped early ({result['stopped_early']}): {result['prompts']} of {result['prompts_requested']} prompts")
     for d in result["divergences"][:5]:
         print(f"  divergence: {d}")
 
@@ -333,6 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write results.md and results.png into this folder (default: assets/)")
     parser.add_argument("--kept-costs", action="store_true",
                         help="plan with the pass costs kept on disk by an earlier process instead of measuring them afresh")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="seconds from the start after which no further prompt starts; the report covers the prompts run (0: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

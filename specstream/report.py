@@ -52,6 +52,9 @@ def markdown_table(result: dict) -> str:
     lines.append(f"{result['model']} on {result['device']} ({_where(machine)}, {result['dtype']}), torch {machine.get('torch', '?')}; "
                  f"{result['prompts']} Spec-Bench prompts, {result['settings']['max_new_tokens']} new tokens, greedy; "
                  f"identical outputs: {result['identical_outputs']} of {result['prompts']}.")
+    if result.get("stopped_early"):
+        lines.append(f"Stopped early ({result['stopped_early']}) after {result['prompts']} of "
+                     f"{result['prompts_requested']} prompts.")
     return "\n".join(lines) + "\n"
 
 

@@ -95,3 +95,41 @@ def test_methods_take_turns_on_each_prompt():
     assert [calls[i][0] for i in (0, 3, 6)] == ["plain", "specstream", "hf_generate"]
     assert {name: [o.tokens[0] for o in runs_] for name, runs_ in outcomes.items()} == {
         name: [10, 11, 12] for name in runs}
+
+
+def test_a_stop_request_ends_the_run_between_prompts():
+    calls = []
+    runs = {name: (lambda ids, name=name: calls.append(ids[0]) or bench.Outcome([ids[0]], 0.1, 1))
+            for name in ("plain", "specstream")}
+    asked = []
+    stop = lambda: asked.append(len(calls)) or ("time limit" if len(calls) >= 4 else None)  # noqa: E731
+    outcomes = bench.run_interleaved(runs, [[10], [11], [12], [13]], quiet=True, stop=stop)
+    # Asked before each prompt after the first; both methods finish the prompt under way.
+    assert asked == [2, 4] and calls == [10, 10, 11, 11]
+    assert {name: len(o) for name, o in outcomes.items()} == {"plain": 2, "specstream": 2}
+    always = bench.run_interleaved(runs, [[20], [21]], quiet=True, stop=lambda: "at once")
+    assert {name: len(o) for name, o in always.items()} == {"plain": 1, "specstream": 1}  # something to report
+
+
+def test_sigterm_asks_to_stop_instead_of_killing():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with bench.StopRequest() as stop:
+        assert stop() is None
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before kill() returns
+        assert stop() == "SIGTERM received"
+        assert signal.getsignal(signal.SIGTERM) is before  # a second one acts as usual
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_bench_time_limit_reports_the_prompts_run(tiny_dir, prompt_file, tmp_path):
+    out = tmp_path / "out.json"
+    bench.main(["--prompts", str(prompt_file), "--max-new-tokens", "4", "--methods", "plain,specstream",
+                "--model", str(tiny_dir), "--device", "cpu", "--quiet", "--adapter", "fresh",
+                "--time-limit", "1e-9", "--json", str(out), "--report", str(tmp_path / "report")])
+    result = json.loads(out.read_text())
+    assert (result["prompts"], result["prompts_requested"], result["stopped_early"]) == (1, 3, "time limit")
+    assert result["methods"]["plain"]["tokens"] == 4 and result["identical_outputs"] == 1
+    assert "Stopped early (time limit) after 1 of 3 prompts." in (tmp_path / "report" / "results.md").read_text()

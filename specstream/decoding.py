@@ -267,8 +267,8 @@ def _followers(model, grams: ContextGrams, settings: DecodeSettings, budget: int
 
 def _copied_chain(model, context: list[int], settings: DecodeSettings, length: int) -> tuple[list[int], CopyKind]:
     """Prompt lookup's continuation, or the phrase table's where its key is the longer match: a
-    longer shared ending is the better predictor of what follows (measured offline). None with
-    prompt lookup off (`length` 0)."""
+    longer shared ending is the better predictor of what follows (measured offline). An empty chain
+    with prompt lookup off (`length` 0)."""
     if length <= 0:
         return [], ("lookup", 0)
     copied, matched = lookup_match(context, settings.lookup_ngram, length)

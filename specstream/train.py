@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .adapter import AdapterConfig, AdapterError, StreamAdapter, save_adapter
+from .adapter import AdapterConfig, AdapterError, StreamAdapter, load_adapter, save_adapter
 from .loading import ModelLoadError, cache_root, load_base_model
 from .draft_vocab import frequency_ranked
 from .phrases import PhraseTable
@@ -118,6 +118,7 @@ def train(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     torch.manual_seed(settings.seed)
     base = load_base_model(args.model, device=str(accelerator.device), dtype="float32")
+    start_from = _starting_adapter(args, base)
     samples = build_dataset(base, args.data_dir, count=args.samples, prompt_files=tuple(args.prompt_file),
                             max_new_tokens=args.reply_tokens, seed=settings.seed, batch_size=args.generation_batch,
                             dtype=getattr(torch, args.generation_dtype),
@@ -133,15 +134,7 @@ def train(args: argparse.Namespace) -> dict:
     keep_kv = args.mode == "lossless"
     eval_features = precompute(base.weights, sequences[:held_out], first_layer, keep_kv, settings.batch_size, store, "eval features", compute)
     features = precompute(base.weights, train_part, first_layer, keep_kv, settings.batch_size, store, "train features", compute)
-    vocab_size = base.weights.shape.vocab_size
-    draft_size = args.draft_vocab if 0 < args.draft_vocab < vocab_size else 0
-    config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
-                           lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode,
-                           stream_scale=hidden_rms(features), draft_vocab_size=draft_size)
-    adapter = StreamAdapter(config, base.weights.shape)
-    if draft_size:
-        adapter.draft_vocab.copy_(frequency_ranked((s.tokens for s in train_part), draft_size, vocab_size))
-    adapter = adapter.to(accelerator.device)
+    adapter = (start_from or _new_adapter(args, base, features, train_part)).to(accelerator.device)
     objective = StreamObjective(adapter, base.weights)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     start = 0
@@ -153,6 +146,38 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         finish(args, adapter, result, settings, samples, sequences)
     return result
+
+
+def _new_adapter(args, base, features: list[Features], train_part: list[Sequence]) -> StreamAdapter:
+    vocab_size = base.weights.shape.vocab_size
+    draft_size = args.draft_vocab if 0 < args.draft_vocab < vocab_size else 0
+    config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
+                           lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode,
+                           stream_scale=hidden_rms(features), draft_vocab_size=draft_size)
+    adapter = StreamAdapter(config, base.weights.shape)
+    if draft_size:
+        adapter.draft_vocab.copy_(frequency_ranked((s.tokens for s in train_part), draft_size, vocab_size))
+    return adapter
+
+
+# The adapter's shape flags: left out, they take these values, or an --init-adapter's own.
+SHAPE_DEFAULTS = {"mode": "lossless", "gamma": 3, "stream_layers": 4, "lora_rank": 32}
+
+
+def _starting_adapter(args, base) -> StreamAdapter | None:
+    """The adapter of --init-adapter, to train on from its weights (more data for an adapter that
+    cost a GPU lease to make); its shape, stream scale and draft vocabulary carry over unchanged."""
+    if args.init_adapter is None:
+        return None
+    adapter = load_adapter(args.init_adapter, base.weights.shape, base.identity)
+    config = adapter.config
+    for name in SHAPE_DEFAULTS:
+        given, held = getattr(args, name), getattr(config, name)
+        if given is not None and given != held:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {given} differs from the --init-adapter's {held}: leave {flag} out or match it")
+        setattr(args, name, held)
+    return adapter
 
 
 def _share_of(deadline: float | None, limit: float, share: float) -> float | None:
@@ -237,10 +262,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m specstream.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     p.add_argument("--model", default=None, help="checkpoint folder or hub id; default: SmolLM2-135M-Instruct")
-    p.add_argument("--mode", choices=("lossless", "shared"), default="lossless")
-    p.add_argument("--gamma", type=int, default=3)
-    p.add_argument("--stream-layers", type=int, default=4)
-    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--mode", choices=("lossless", "shared"), default=None, help=f"default {SHAPE_DEFAULTS['mode']}")
+    p.add_argument("--gamma", type=int, default=None, help=f"streams; default {SHAPE_DEFAULTS['gamma']}")
+    p.add_argument("--stream-layers", type=int, default=None, help=f"default {SHAPE_DEFAULTS['stream_layers']}")
+    p.add_argument("--lora-rank", type=int, default=None, help=f"default {SHAPE_DEFAULTS['lora_rank']}")
+    p.add_argument("--init-adapter", type=Path, default=None,
+                   help="start from this adapter's weights, shape, stream scale and draft vocabulary")
     p.add_argument("--samples", type=int, default=1536, help="self-distilled prompts to generate")
     p.add_argument("--reply-tokens", type=int, default=160, help="greedy reply length for the data")
     p.add_argument("--prompt-file", type=Path, action="append", default=[], help="extra prompts (.txt or .jsonl)")
@@ -270,6 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="how the cached main-stream features are stored; auto: the training precision")
     args = p.parse_args(argv)
+    if args.init_adapter is None:
+        for name, value in SHAPE_DEFAULTS.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() and args.device != "cpu" else "no"
     _warn_slow_bf16(args)

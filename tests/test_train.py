@@ -165,3 +165,24 @@ def test_two_processes_agree_on_a_time_limited_schedule(tiny_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     metrics = json.loads((tmp_path / "two" / "training_metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps_run"] == metrics["steps"] < metrics["planned_steps"]
+
+
+def test_init_adapter_trains_on_from_its_weights(tiny_dir, tmp_path):
+    """More data for an adapter already made: training starts where that adapter stands, in its shape."""
+    data = write_samples(tmp_path / "data")
+    trained = train.main(argv(tiny_dir, data, tmp_path / "a", "--epochs", "8", "--draft-vocab", "22"))
+    fresh = train.main(argv(tiny_dir, data, tmp_path / "fresh", "--epochs", "1", "--stop-after", "1"))
+    more = write_samples(tmp_path / "more", seed=1)
+    shape_free = ["--out", str(tmp_path / "b"), "--model", str(tiny_dir), "--data-dir", str(more), "--batch-size", "4",
+                  "--device", "cpu", "--lr", "0.001", "--init-adapter", str(tmp_path / "a")]
+    went_on = train.main([*shape_free, "--epochs", "1", "--stop-after", "1"])
+    assert went_on["last_batch"]["loss"] < fresh["last_batch"]["loss"] * 0.7
+    assert went_on["eval"]["stream1_loss"] < trained["eval"]["stream1_loss"] * 1.5
+    before, after = (json.loads((tmp_path / name / "adapter.json").read_text()) for name in ("a", "b"))
+    assert {k: v for k, v in after.items() if k != "training"} == {k: v for k, v in before.items() if k != "training"}
+    assert torch.equal(load_file(str(tmp_path / "a" / "adapter.safetensors"))["draft_vocab"],
+                       load_file(str(tmp_path / "b" / "adapter.safetensors"))["draft_vocab"])
+    with pytest.raises(SystemExit, match="--lora-rank 8 differs from the --init-adapter's 4"):
+        train.main([*shape_free, "--lora-rank", "8"])
+    with pytest.raises(SystemExit, match="adapter folder .* does not exist"):
+        train.main([*shape_free[:-1], str(tmp_path / "none")])

@@ -299,7 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.init_adapter is None:
         for name, value in SHAPE_DEFAULTS.items():
-            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() and args.device != "cpu" else "no"
     _warn_slow_bf16(args)

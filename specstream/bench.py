@@ -255,7 +255,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for number in (signal.SIGTERM, signal.SIGINT):
-                self._previous[number] = signal.signal(number, self._on_signal)
+                if signal.getsignal(number) is not signal.SIG_IGN:  # a background job's Ctrl-C stays ignored
+                    self._previous[number] = signal.signal(number, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -115,13 +115,25 @@ def test_sigterm_asks_to_stop_instead_of_killing():
     import os
     import signal
 
-    before = signal.getsignal(signal.SIGTERM)
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with bench.StopRequest() as stop:
         assert stop() is None
         os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before kill() returns
         assert stop() == "SIGTERM received"
         assert signal.getsignal(signal.SIGTERM) is before  # a second one acts as usual
-    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is before_int
+
+
+def test_an_ignored_signal_stays_ignored():
+    # A job started in the background of a script has SIGINT ignored; the bench must not take it up.
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with bench.StopRequest():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_bench_time_limit_reports_the_prompts_run(tiny_dir, prompt_file, tmp_path):

@@ -207,11 +207,12 @@ class ExactArgmax:
     plus those rounding terms per |x|, `norms` |w~|, each with a 1 % margin; |x| and |x - x~| come per
     call."""
 
-    def __init__(self, head: torch.Tensor, library: ctypes.CDLL, tiles: bool | None = None):
+    def __init__(self, head: torch.Tensor, library: ctypes.CDLL, screen: str | None = None):
         self.weights = head.detach().contiguous()
         (vocab, k), self._library = self.weights.shape, library
         rounded = self.weights.to(torch.bfloat16)
-        self.tiles = (library.amx and k % 32 == 0) if tiles is None else tiles
+        self.screen_way = screen or screen_way(library, k)
+        self.tiles = self.screen_way != "widening"
         if self.tiles:
             count = -(-vocab // TILE)
             padded = rounded.new_zeros(count * TILE, k)
@@ -247,7 +248,8 @@ class ExactArgmax:
         narrow = rows.to(torch.bfloat16)
         moved = (rows.double() - narrow.double()).norm(dim=1)
         out = torch.empty(rows.shape[0], self.weights.shape[0], dtype=torch.float32)
-        self._library.amx_gemm(
+        gemm = self._library.amx_gemm if self.screen_way == "amx" else self._library.bf16_dot_gemm
+        gemm(
             narrow.view(torch.int16).data_ptr(), rows.shape[0], rows.shape[1], self.packed.data_ptr(),
             self.weights.shape[0], out.data_ptr(), torch.get_num_threads(),
         )
@@ -437,6 +439,14 @@ def pack(weight: torch.Tensor, bfloat16: bool = False) -> PackedMatrix | None:
     return None if library is None else PackedMatrix(weight, library, bfloat16)
 
 
+def screen_way(library: ctypes.CDLL, k: int) -> str:
+    """How `ExactArgmax` screens a head of k inputs: bfloat16 "amx" tiles, AVX512-BF16 "dot" products of the
+    same packed pairs, or bfloat16 weights "widening" to float32 (any AVX2 CPU)."""
+    if library.amx and k % 32 == 0:
+        return "amx"
+    return "dot" if library.bf16_dot and k % 2 == 0 else "widening"
+
+
 def exact_argmax(head: torch.Tensor) -> ExactArgmax | None:
     """The screened argmax over this LM head, or None where the kernel does not apply to it."""
     library = _library_for(head)
@@ -471,6 +481,9 @@ def load_library() -> ctypes.CDLL | None:
     library.amx_gemm.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer]
     library.amx_ready.argtypes = []
     library.amx_ready.restype = integer
+    library.bf16_dot_gemm.argtypes = library.amx_gemm.argtypes
+    library.bf16_dot_ready.argtypes = []
+    library.bf16_dot_ready.restype = integer
     library.rms_norm.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float]
     library.rotary.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, integer]
     wide = ctypes.c_long
@@ -487,9 +500,10 @@ def load_library() -> ctypes.CDLL | None:
     for function in (library.small_gemm, library.small_gemm_avx2, library.small_gemm_bf16, library.amx_int8_gemm, library.head_argmax,
                      library.amx_gemm, library.rms_norm, library.rotary, library.attend_rows, library.write_kv,
                      library.lora_add, library.decoder_layers_rows, library.int8_rows, library.q4_gemm,
-                     library.top_probabilities):
+                     library.top_probabilities, library.bf16_dot_gemm):
         function.restype = None
     library.amx = bool(library.amx_ready()) and os.environ.get("SPECSTREAM_AMX") != "0"
+    library.bf16_dot = bool(library.bf16_dot_ready()) and os.environ.get("SPECSTREAM_BF16_DOT") != "0"
     return library
 
 

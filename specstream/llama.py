@@ -121,12 +121,13 @@ class LlamaWeights:
 
     @property
     def matmul(self) -> str:
-        """Which code multiplies by the weights ("small-row kernel" or "torch"), for the page, the
-        benchmark's JSON and the pass-cost tables."""
+        """Which code multiplies by the weights ("small-row kernel" or "torch") and screens the head, for
+        the page, the benchmark's JSON and the pass-cost tables."""
         if not self.layers[0].packed:
             return "torch"
         exact_4bit = cpu_kernels.EXACT_4BIT and self.layers[0].codes
-        return "small-row kernel, exact 4-bit weights" if exact_4bit else "small-row kernel"
+        screen = self.screened_argmax.screen_way if self.screened_argmax else "float32"
+        return f"small-row kernel{', exact 4-bit weights' if exact_4bit else ''}, {screen} head screen"
 
     @cached_property
     def packed_head(self) -> PackedMatrix | None:

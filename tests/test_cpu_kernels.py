@@ -194,13 +194,31 @@ def test_bfloat16_weights_give_the_products_of_the_rounded_weights(kernel, rows)
     assert not torch.equal(packed(x), kernel.pack(weight)(x))  # it is not the float32 product
 
 
-@pytest.fixture(params=["widening", "tiles"])
+@pytest.fixture(params=["widening", "amx", "dot"])
 def screened(kernel, request):
-    """ExactArgmax on either screen: bfloat16 weights widened to float32 (any AVX2 CPU), or AMX tiles."""
-    tiles = request.param == "tiles"
-    if tiles and not kernel.load_library().amx:
+    """ExactArgmax on each screen: bfloat16 weights widened to float32 (any AVX2 CPU), AMX tiles, or
+    AVX512-BF16 dot products."""
+    library = kernel.load_library()
+    if request.param == "amx" and not library.amx:
         pytest.skip("this CPU has no AMX")
-    return lambda head: kernel.ExactArgmax(head, kernel.load_library(), tiles=tiles)
+    if request.param == "dot" and not library.bf16_dot:
+        pytest.skip("this CPU has no AVX512-BF16")
+    return lambda head: kernel.ExactArgmax(head, library, screen=request.param)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13, 25])
+def test_bfloat16_dot_screen_is_the_product_of_the_rounded_rows_and_weights(kernel, rows):
+    # 37 columns: three tiles, so the last pair of tiles has one; 13 and 25 rows take several blocks.
+    library = kernel.load_library()
+    if not library.bf16_dot:
+        pytest.skip("this CPU has no AVX512-BF16")
+    generator = torch.Generator().manual_seed(rows)
+    head, x = torch.randn(37, 96, generator=generator), torch.randn(rows, 96, generator=generator)
+    screened, moved = kernel.ExactArgmax(head, library, screen="dot")._screen(x)
+    narrow = x.to(torch.bfloat16)
+    exact = narrow.double() @ head.to(torch.bfloat16).double().T
+    torch.testing.assert_close(screened.double(), exact, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(moved, (x.double() - narrow.double()).norm(dim=1))
 
 
 def test_screened_argmax_is_the_float32_argmax_even_on_near_ties(kernel, screened):

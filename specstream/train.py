@@ -161,7 +161,7 @@ def _new_adapter(args, base, features: list[Features], train_part: list[Sequence
 
 
 # The adapter's shape flags: left out, they take these values, or an --init-adapter's own.
-SHAPE_DEFAULTS = {"mode": "lossless", "gamma": 3, "stream_layers": 4, "lora_rank": 32}
+SHAPE_DEFAULTS = {"mode": "lossless", "gamma": 3, "stream_layers": 4, "lora_rank": 32, "draft_vocab": 16384}
 
 
 def _starting_adapter(args, base) -> StreamAdapter | None:
@@ -171,9 +171,13 @@ def _starting_adapter(args, base) -> StreamAdapter | None:
         return None
     adapter = load_adapter(args.init_adapter, base.weights.shape, base.identity)
     config = adapter.config
+    vocab_size = base.weights.shape.vocab_size
     for name in SHAPE_DEFAULTS:
-        given, held = getattr(args, name), getattr(config, name)
-        if given is not None and given != held:
+        given, held = getattr(args, name), getattr(config, name if name != "draft_vocab" else "draft_vocab_size")
+        wanted = given
+        if name == "draft_vocab" and given is not None and not 0 < given < vocab_size:
+            wanted = 0  # the whole vocabulary, as the adapter records it
+        if given is not None and wanted != held:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given} differs from the --init-adapter's {held}: leave {flag} out or match it")
         setattr(args, name, held)
@@ -276,8 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 halves data generation time on CPUs with AVX-512 bf16; far slower without")
     p.add_argument("--limit-sequences", type=int, default=0, help="train on the first N sequences only (ablations)")
-    p.add_argument("--draft-vocab", type=int, default=16384,
-                   help="tokens the streams may propose: the data's most frequent (0 = the whole vocabulary)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="tokens the streams may propose: the data's most frequent (0 = the whole vocabulary); "
+                        f"default {SHAPE_DEFAULTS['draft_vocab']}")
     p.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--lr", type=float, default=TrainSettings.learning_rate)

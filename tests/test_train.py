@@ -184,5 +184,7 @@ def test_init_adapter_trains_on_from_its_weights(tiny_dir, tmp_path):
                        load_file(str(tmp_path / "b" / "adapter.safetensors"))["draft_vocab"])
     with pytest.raises(SystemExit, match="--lora-rank 8 differs from the --init-adapter's 4"):
         train.main([*shape_free, "--lora-rank", "8"])
+    with pytest.raises(SystemExit, match="--draft-vocab 20 differs from the --init-adapter's 22"):
+        train.main([*shape_free, "--draft-vocab", "20"])
     with pytest.raises(SystemExit, match="adapter folder .* does not exist"):
         train.main([*shape_free[:-1], str(tmp_path / "none")])

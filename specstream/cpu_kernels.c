@@ -196,10 +196,13 @@ static void gemm(const float *x, int M, int K, const void *packed, int N, float 
 /* Paired tiles measured faster at every row count but 13 to 16, which one 16-row block of one tile
  * takes in a single read (body of SmolLM2-135M, 2-core Xeon, medians of 10, single tile / pairs:
  * 1 row 25.8 / 23.7 ms, 8 rows 27.9 / 25.9, 12 rows 28.4 / 25.6, 16 rows 26.9 / 28.9, 17 rows
- * 35.7 / 31.3, 24 rows 38.7 / 34.0). */
+ * 35.7 / 31.3, 24 rows 38.7 / 34.0). Not on AMD's Zen 4, which splits each 512-bit multiply-add in two:
+ * there the single tile's broadcast per multiply-add costs more than a second block (the 24 layers below
+ * the streams, 2-core EPYC, two rounds of medians of 11, single tile / pairs: 13 rows 17.7-18.3 /
+ * 16.1-16.6 ms, 14 rows 17.8-19.6 / 16.2-17.1, 16 rows 18.4-21.4 / 17.4-18.4). Same bits either way. */
 void small_gemm(const float *x, int M, int K, const float *packed, int N, float *y, int threads) {
     if (!__builtin_cpu_supports("avx512f")) gemm(x, M, K, packed, N, y, threads, 0, 0);
-    else if (M > ROW_BLOCK_PAIR && M <= ROW_BLOCK_512) gemm(x, M, K, packed, N, y, threads, 1, 0);
+    else if (M > ROW_BLOCK_PAIR && M <= ROW_BLOCK_512 && !__builtin_cpu_is("amd")) gemm(x, M, K, packed, N, y, threads, 1, 0);
     else gemm_pairs(x, M, K, packed, N, y, threads);
 }
 

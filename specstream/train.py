@@ -148,9 +148,14 @@ def train(args: argparse.Namespace) -> dict:
     return result
 
 
+def _draft_size(requested: int, vocab_size: int) -> int:
+    """The draft vocabulary an adapter records for --draft-vocab: 0 for the whole vocabulary."""
+    return requested if 0 < requested < vocab_size else 0
+
+
 def _new_adapter(args, base, features: list[Features], train_part: list[Sequence]) -> StreamAdapter:
     vocab_size = base.weights.shape.vocab_size
-    draft_size = args.draft_vocab if 0 < args.draft_vocab < vocab_size else 0
+    draft_size = _draft_size(args.draft_vocab, vocab_size)
     config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
                            lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode,
                            stream_scale=hidden_rms(features), draft_vocab_size=draft_size)
@@ -171,12 +176,11 @@ def _starting_adapter(args, base) -> StreamAdapter | None:
         return None
     adapter = load_adapter(args.init_adapter, base.weights.shape, base.identity)
     config = adapter.config
-    vocab_size = base.weights.shape.vocab_size
     for name in SHAPE_DEFAULTS:
         given, held = getattr(args, name), getattr(config, name if name != "draft_vocab" else "draft_vocab_size")
         wanted = given
-        if name == "draft_vocab" and given is not None and not 0 < given < vocab_size:
-            wanted = 0  # the whole vocabulary, as the adapter records it
+        if name == "draft_vocab" and given is not None:
+            wanted = _draft_size(given, base.weights.shape.vocab_size)
         if given is not None and wanted != held:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given} differs from the --init-adapter's {held}: leave {flag} out or match it")

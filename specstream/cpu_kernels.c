@@ -57,7 +57,8 @@ static inline __attribute__((always_inline)) void multiply_tile(
  * registers. */
 #define CASE_256(n, bf16) case n: multiply_tile(n, x, K, tile, out, bf16); break;
 #define BLOCK_256(name, bf16)                                                                 \
-    static void name(int rows, const float *x, int K, const void *tile, float *out) {       \
+    static void name(int rows, const void *rows_x, int K, const void *tile, float *out) {   \
+        const float *x = rows_x;                                                            \
         switch (rows) {                                                                     \
             CASE_256(1, bf16) CASE_256(2, bf16) CASE_256(3, bf16) CASE_256(4, bf16) CASE_256(5, bf16) \
             default: multiply_tile(ROW_BLOCK, x, K, tile, out, bf16); break;                \
@@ -96,7 +97,8 @@ static inline __attribute__((always_inline, target("avx512f"))) void multiply_ti
  * Xeon with AVX-512, medians of 10: 2 rows 25.6 ms with it, 31.7 without; 8 rows 25.0 vs 42.2). */
 #define CASE_512(n, bf16) case n: multiply_tile_512(n, x, K, tile, out, bf16); break;
 #define BLOCK_512(name, bf16)                                                                                      \
-    static __attribute__((target("avx512f"))) void name(int rows, const float *x, int K, const void *tile, float *out) { \
+    static __attribute__((target("avx512f"))) void name(int rows, const void *rows_x, int K, const void *tile, float *out) { \
+        const float *x = rows_x;                                                                                 \
         switch (rows) {                                                                                          \
             CASE_512(1, bf16) CASE_512(2, bf16) CASE_512(3, bf16) CASE_512(4, bf16) CASE_512(5, bf16)            \
             CASE_512(6, bf16) CASE_512(7, bf16) CASE_512(8, bf16) CASE_512(9, bf16) CASE_512(10, bf16)           \
@@ -134,17 +136,18 @@ static inline __attribute__((always_inline, target("avx512f"))) void multiply_pa
     }
 }
 
-typedef void (*block_function)(int rows, const float *x, int K, const void *tile, float *out);
+/* x: the block's rows, float32 (or bfloat16 for the dot products below). */
+typedef void (*block_function)(int rows, const void *x, int K, const void *tile, float *out);
 
 /* All M rows against one tile (or pair of tiles), in blocks of nearly equal size (8 rows: 4 + 4, not
  * 6 + 2), so none is too small to hide the latency of its multiply-adds; each block's products,
  * `width` floats a row in `out`, go to `columns` columns of y from `first_column`. */
-static inline void multiply_rows(block_function multiply, int row_block, int width, const float *x, int M, int K,
-                                 const void *tile, float *out, float *y, int N, int first_column, int columns) {
+static inline void multiply_rows(block_function multiply, int row_block, int width, const void *x, int x_bytes, int M,
+                                 int K, const void *tile, float *out, float *y, int N, int first_column, int columns) {
     int blocks = (M + row_block - 1) / row_block;
     for (int block = 0, first = 0; block < blocks; block++) {
         int rows = (M - first + blocks - block - 1) / (blocks - block);
-        multiply(rows, x + (long)first * K, K, tile, out);
+        multiply(rows, (const char *)x + (long)first * K * x_bytes, K, tile, out);
         for (int m = 0; m < rows; m++)
             memcpy(y + (long)(first + m) * N + first_column, out + width * m, columns * sizeof(float));
         first += rows;
@@ -152,8 +155,8 @@ static inline void multiply_rows(block_function multiply, int row_block, int wid
 }
 
 #define CASE_PAIR(n) case n: multiply_pair_512(n, x, K, tile, out); break;
-static __attribute__((target("avx512f"))) void multiply_pair_block(int rows, const float *x, int K, const void *pair, float *out) {
-    const float *tile = (const float *)pair;
+static __attribute__((target("avx512f"))) void multiply_pair_block(int rows, const void *rows_x, int K, const void *pair, float *out) {
+    const float *x = rows_x, *tile = pair;
     switch (rows) {
         CASE_PAIR(1) CASE_PAIR(2) CASE_PAIR(3) CASE_PAIR(4) CASE_PAIR(5) CASE_PAIR(6) CASE_PAIR(7) CASE_PAIR(8)
         CASE_PAIR(9) CASE_PAIR(10) CASE_PAIR(11)
@@ -169,9 +172,9 @@ static __attribute__((target("avx512f"))) void gemm_pairs(const float *x, int M,
         int columns = N - 2 * TILE * t < 2 * TILE ? N - 2 * TILE * t : 2 * TILE;
         float out[ROW_BLOCK_512 * 2 * TILE];
         if (t == pairs)  /* an odd last tile */
-            multiply_rows(multiply_block_512, ROW_BLOCK_512, TILE, x, M, K, tile, out, y, N, 2 * TILE * t, columns);
+            multiply_rows(multiply_block_512, ROW_BLOCK_512, TILE, x, sizeof(float), M, K, tile, out, y, N, 2 * TILE * t, columns);
         else
-            multiply_rows(multiply_pair_block, ROW_BLOCK_PAIR, 2 * TILE, x, M, K, tile, out, y, N, 2 * TILE * t, columns);
+            multiply_rows(multiply_pair_block, ROW_BLOCK_PAIR, 2 * TILE, x, sizeof(float), M, K, tile, out, y, N, 2 * TILE * t, columns);
     }
 }
 
@@ -189,7 +192,7 @@ static void gemm(const float *x, int M, int K, const void *packed, int N, float 
         const char *tile = (const char *)packed + t * tile_bytes;
         int columns = N - TILE * t < TILE ? N - TILE * t : TILE;
         float out[ROW_BLOCK_512 * TILE];
-        multiply_rows(multiply, row_block, TILE, x, M, K, tile, out, y, N, TILE * t, columns);
+        multiply_rows(multiply, row_block, TILE, x, sizeof(float), M, K, tile, out, y, N, TILE * t, columns);
     }
 }
 
@@ -333,15 +336,20 @@ static inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void 
     }
 }
 
-#define CASE_DOT(n) case n: dot_tiles(n, pairs, x, K, tile, out); break;
-static __attribute__((target("avx512f,avx512bf16"))) void dot_block(
-    int rows, int pairs, const unsigned short *x, int K, const unsigned short *tile, float *out) {
-    switch (rows) {
-        CASE_DOT(1) CASE_DOT(2) CASE_DOT(3) CASE_DOT(4) CASE_DOT(5) CASE_DOT(6) CASE_DOT(7) CASE_DOT(8)
-        CASE_DOT(9) CASE_DOT(10) CASE_DOT(11)
-        default: dot_tiles(DOT_ROWS, pairs, x, K, tile, out); break;
+#define CASE_DOT(n, pairs) case n: dot_tiles(n, pairs, x, K, tile, out); break;
+#define DOT_BLOCK(name, pairs)                                                                                      \
+    static __attribute__((target("avx512f,avx512bf16"))) void name(int rows, const void *rows_x, int K,            \
+                                                                   const void *tiles, float *out) {                 \
+        const unsigned short *x = rows_x, *tile = tiles;                                                            \
+        switch (rows) {                                                                                             \
+            CASE_DOT(1, pairs) CASE_DOT(2, pairs) CASE_DOT(3, pairs) CASE_DOT(4, pairs) CASE_DOT(5, pairs)          \
+            CASE_DOT(6, pairs) CASE_DOT(7, pairs) CASE_DOT(8, pairs) CASE_DOT(9, pairs) CASE_DOT(10, pairs)         \
+            CASE_DOT(11, pairs)                                                                                     \
+            default: dot_tiles(DOT_ROWS, pairs, x, K, tile, out); break;                                            \
+        }                                                                                                           \
     }
-}
+DOT_BLOCK(dot_block_one, 1)
+DOT_BLOCK(dot_block_pair, 2)
 
 int bf16_dot_ready(void) { return __builtin_cpu_supports("avx512bf16"); }
 
@@ -353,14 +361,8 @@ void bf16_dot_gemm(const unsigned short *rows, int M, int K, const unsigned shor
         int width = 2 * p + 1 < tiles ? 2 : 1, first_column = 2 * TILE * p;
         int columns = N - first_column < width * TILE ? N - first_column : width * TILE;
         float out[DOT_ROWS * 2 * TILE];
-        int blocks = (M + DOT_ROWS - 1) / DOT_ROWS;
-        for (int block = 0, first = 0; block < blocks; block++) {
-            int count = (M - first + blocks - block - 1) / (blocks - block);
-            dot_block(count, width, rows + (long)first * K, K, packed + (long)2 * p * K * TILE, out);
-            for (int m = 0; m < count; m++)
-                memcpy(y + (long)(first + m) * N + first_column, out + width * TILE * m, columns * sizeof(float));
-            first += count;
-        }
+        multiply_rows(width == 2 ? dot_block_pair : dot_block_one, DOT_ROWS, width * TILE, rows, sizeof(unsigned short),
+                      M, K, packed + (long)2 * p * K * TILE, out, y, N, first_column, columns);
     }
 }
 

@@ -55,6 +55,11 @@ class AdapterConfig:
     stream_scale: float = 1.0
     # Tokens the streams may propose (their LM head's rows, see draft_vocab.py); 0 = the full vocabulary.
     draft_vocab_size: int = 0
+    # Rank of the map from the next token's embedding into every stream row; 0 = off. With it the
+    # streams of a node also see the token verification chose after it (the bonus token), as
+    # EAGLE's draft sees its last token: they can then only run after verification, in the short
+    # second pass over the top layers.
+    bonus_rank: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,7 +71,7 @@ class AdapterConfig:
             problems.append(f"stream_scale must be positive, not {self.stream_scale}")
         if not 0 <= self.draft_vocab_size <= self.base.vocab_size:
             problems.append(f"draft_vocab_size must be 0 (full) to {self.base.vocab_size}, not {self.draft_vocab_size}")
-        if self.lora_rank < 0 or self.prune_rank < 0:
+        if self.lora_rank < 0 or self.prune_rank < 0 or self.bonus_rank < 0:
             problems.append("ranks must not be negative")
         if set(self.lora_targets) - set(LORA_TARGETS):
             problems.append(f"lora_targets must be among {LORA_TARGETS}, not {list(self.lora_targets)}")
@@ -132,6 +137,9 @@ class StreamAdapter(nn.Module):
                 self.lora_up[key] = nn.Parameter(torch.zeros(fan_out, config.lora_rank))  # starts as a no-op
         self.prune_down = nn.Parameter(torch.randn(config.prune_rank, d) / math.sqrt(d))
         self.prune_up = nn.Parameter(torch.zeros(d, config.prune_rank))
+        if config.bonus_rank:
+            self.bonus_down = nn.Parameter(torch.randn(config.bonus_rank, d) / math.sqrt(d))
+            self.bonus_up = nn.Parameter(torch.zeros(d, config.bonus_rank))  # starts as a no-op
         if config.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))  # sorted token ids
 
@@ -143,6 +151,12 @@ class StreamAdapter(nn.Module):
     def stream_identity(self, count: int) -> torch.Tensor:
         """The first `count` stream identifier embeddings P_j, (count, d)."""
         return self.stream_embeddings[:count] * self.config.stream_scale
+
+    def bonus_shift(self, embedded: torch.Tensor) -> torch.Tensor:
+        """What the next token adds to its node's stream rows, from its input embedding (..., d):
+        normalised to unit RMS and brought to the hidden state's scale, as the stream identities are."""
+        unit = embedded * torch.rsqrt(embedded.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return ((unit @ self.bonus_down.T) @ self.bonus_up.T) * self.config.stream_scale
 
     @property
     def lora_scale(self) -> float:

@@ -122,6 +122,7 @@ def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int
         depths[i] = depths[parents[i]] + 1
     positions = depths.to(device) + prompt_length
     mask = tree_attention_mask(parents, device)
+    deferred = deferred or model.streams_need_bonus
     streams = "all" if size > 1 and model.adapter is not None and not deferred else None
     if streams and sources:
         streams = list(range(min(sources, size)))
@@ -133,7 +134,7 @@ def _measured_pass(model: SpeculativeModel, cache, size: int, prompt_length: int
         model.greedy(out.main_hidden[:1] if model.verifies_row_by_row else out.main_hidden)
         stream_hidden = out.stream_hidden[0] if out.stream_hidden is not None else None
         if deferred and model.adapter is not None:
-            stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], depth)
+            stream_hidden = model.streams_at_end(cache, out.early_hidden[-1], depth, bonus=0)
         if stream_hidden is not None:
             model.draft_topk(stream_hidden, 4)
 
@@ -297,6 +298,8 @@ def _device_key(model: SpeculativeModel, part: str) -> str:
     # COST_MODEL names what a measured pass includes; a new one makes old tables stale.
     parts = [COST_MODEL, where, str(model.weights.dtype), torch.__version__, repr(model.shape), part,
              f"{config.gamma}/{config.stream_layers}/{config.lora_rank}/{config.draft_vocab_size}" if config else "none"]
+    if config and config.bonus_rank:  # its second pass also maps the bonus token
+        parts.append(f"bonus {config.bonus_rank}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -115,13 +115,15 @@ class DecodeSettings:
             raise SettingsError("; ".join(problems))
         return self
 
-    def deferred_streams(self) -> bool:
-        return self.stream_pass == "deferred"
+    def deferred_streams(self, model: SpeculativeModel | None = None) -> bool:
+        """Whether streams wait for the second pass: "deferred", or any mode with an adapter whose
+        streams read the bonus token, which exists only after verification."""
+        return self.stream_pass == "deferred" or bool(model and model.streams_need_bonus)
 
     def likely_streams(self, device: torch.device) -> bool:
-        """Whether streams are computed only where the path is likely to end: "likely", or "auto" on a
-        CPU. On a GPU the stream rows of a joint pass cost next to nothing and a second pass costs a
-        whole round of kernel launches, so "auto" is joint there."""
+        """Whether streams are computed only where the path is likely to end (unless deferred):
+        "likely", or "auto" on a CPU. On a GPU the stream rows of a joint pass cost next to nothing
+        and a second pass costs a whole round of kernel launches, so "auto" is joint there."""
         return self.stream_pass == "likely" or (self.stream_pass == "auto" and device.type == "cpu")
 
     def depth(self, model: SpeculativeModel) -> int:
@@ -293,9 +295,11 @@ def specstream_decode(
     planner = tree_planner(model, settings, depth) if settings.tree == "auto" else None
     plan = planner.plan if planner else None
     started = time.perf_counter()
-    first, out = _prefill(model, cache, prompt_ids, streams=True, gamma=depth)
+    first, out = _prefill(model, cache, prompt_ids, streams=not model.streams_need_bonus, gamma=depth)
+    streams = out.stream_hidden[0] if out.stream_hidden is not None else \
+        model.streams_at_end(cache, out.early_hidden[-1], depth, bonus=first)
     grams = ContextGrams([*prompt_ids, first])
-    tree, kind = _next_draft(model, out.stream_hidden[0], grams, settings, depth, planner)
+    tree, kind = _next_draft(model, streams, grams, settings, depth, planner)
     emitted, reason = run.emit([first])
     run.passes += 1
     _sync(device)
@@ -305,7 +309,7 @@ def specstream_decode(
         step += 1
         started = time.perf_counter()
         # The streams this pass computes draft the next tree: as many as the current plan wants.
-        sources = _stream_sources(tree, settings, device, planner, kind)
+        sources = _stream_sources(tree, settings, model, planner, kind)
         pass_result = _tree_pass(model, cache, tree, settings, _planned_depth(plan, depth), sources)
         emitted, reason = run.emit(pass_result.candidates)
         run.passes += 1
@@ -324,16 +328,16 @@ def specstream_decode(
         yield record
 
 
-def _stream_sources(tree: DraftTree, settings: DecodeSettings, device: torch.device, planner: TreePlanner | None,
+def _stream_sources(tree: DraftTree, settings: DecodeSettings, model: SpeculativeModel, planner: TreePlanner | None,
                     kind: CopyKind | None) -> str | list[int] | None:
     """Where the tree pass computes streams, as `SpeculativeModel.forward` takes it: nowhere
     (deferred), at every node (joint), or at the nodes where the accepted path likely ends. There a
     drafted token's chance is its stream's own probability (it knows this context; the auto tree's
     rates per depth and rank only know the average: with them, 16 prompts ran 2 % slower), a copied
     token's its kind's acceptance rate so far."""
-    if settings.deferred_streams():
+    if settings.deferred_streams(model):
         return None
-    if not settings.likely_streams(device):
+    if not settings.likely_streams(model.weights.device):
         return "all"
     chances = [1.0]
     for node in tree.nodes[1:]:
@@ -355,7 +359,8 @@ _shared_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def planning_costs(model: SpeculativeModel, settings: DecodeSettings, depth: int) -> dict[int, PassCosts]:
     """This device's pass costs for every stream depth the auto tree may choose, up to `depth`."""
-    deferred, likely = settings.deferred_streams(), settings.likely_streams(model.weights.device)
+    deferred = settings.deferred_streams(model)
+    likely = not deferred and settings.likely_streams(model.weights.device)
     return {d: device_costs(model, deferred, d, likely) for d in range(1, depth + 1)}
 
 
@@ -418,7 +423,7 @@ def _tree_pass(
     streams = out.streams_of(deepest)
     second_pass = streams is None
     if second_pass:
-        streams = model.streams_at_end(cache, out.early_hidden[deepest], depth)
+        streams = model.streams_at_end(cache, out.early_hidden[deepest], depth, bonus=choice[deepest])
     candidates = [tokens[i] for i in path[1:]] + [choice[deepest]]
     return _TreePass(path, candidates, kept, choice.known(len(tree)), scores, streams, out.stream_nodes, second_pass)
 

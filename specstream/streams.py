@@ -254,17 +254,28 @@ class SpeculativeModel:
             slots = torch.cat([slots, scratch])
         return torch.cat([x, streams], dim=1), rotary, mask, slots
 
+    @property
+    def streams_need_bonus(self) -> bool:
+        """Whether the adapter's streams also read the token verification chose after their node
+        (AdapterConfig.bonus_rank), so that they can only be computed after verification."""
+        return bool(self.adapter is not None and self.adapter.config.bonus_rank)
+
     @with_attention_backends
-    def streams_at_end(self, cache: KVCache, early_row: torch.Tensor, gamma: int) -> torch.Tensor:
+    def streams_at_end(self, cache: KVCache, early_row: torch.Tensor, gamma: int, bonus: int | None = None) -> torch.Tensor:
         """Streams of the last committed position alone, after the pass that committed it.
 
         Streams never change the main stream, so computing them in a short second pass (gamma
         rows through the top layers, seeing the committed cache) gives what the joint pass would
         have given at that node. On a CPU this is far cheaper than carrying gamma stream rows
         for every tree node. early_row (d,) is that node's main stream entering the first
-        stream layer. Returns (gamma, d), final-normed."""
+        stream layer; `bonus` the token chosen after it, which an adapter with a bonus map reads.
+        Returns (gamma, d), final-normed."""
         w, length = self.weights, cache.length
         x = (early_row[None] + self.adapter.stream_identity(gamma))[None]  # (1, gamma, d)
+        if self.streams_need_bonus:
+            if bonus is None:
+                raise ValueError("this adapter's streams read the bonus token: pass it")
+            x = x + self.adapter.bonus_shift(w.embed[bonus])
         offsets = torch.arange(1, gamma + 1, device=x.device)
         rotary = rotary_tables(w, offsets + (length - 1))
         visible = torch.ones(1, length, dtype=torch.bool, device=x.device)

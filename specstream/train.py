@@ -11,7 +11,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -158,7 +158,7 @@ def _new_adapter(args, base, features: list[Features], train_part: list[Sequence
     draft_size = _draft_size(args.draft_vocab, vocab_size)
     config = AdapterConfig(base=base.identity, gamma=args.gamma, stream_layers=args.stream_layers,
                            lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), mode=args.mode,
-                           stream_scale=hidden_rms(features), draft_vocab_size=draft_size)
+                           stream_scale=hidden_rms(features), draft_vocab_size=draft_size, bonus_rank=args.bonus_rank)
     adapter = StreamAdapter(config, base.weights.shape)
     if draft_size:
         adapter.draft_vocab.copy_(frequency_ranked((s.tokens for s in train_part), draft_size, vocab_size))
@@ -185,7 +185,21 @@ def _starting_adapter(args, base) -> StreamAdapter | None:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given} differs from the --init-adapter's {held}: leave {flag} out or match it")
         setattr(args, name, held)
-    return adapter
+    return _with_bonus_map(adapter, args, base.weights.shape)
+
+
+def _with_bonus_map(adapter: StreamAdapter, args, shape) -> StreamAdapter:
+    """The --init-adapter as --bonus-rank asks: unchanged, or given a bonus map that starts as a
+    no-op (so training starts from the adapter's streams exactly); a map it has cannot change rank."""
+    held = adapter.config.bonus_rank
+    if args.bonus_rank is None or args.bonus_rank == held:
+        args.bonus_rank = held
+        return adapter
+    if held:
+        raise ValueError(f"--bonus-rank {args.bonus_rank} differs from the --init-adapter's {held}: leave it out or match it")
+    extended = StreamAdapter(replace(adapter.config, bonus_rank=args.bonus_rank), shape)
+    extended.load_state_dict(adapter.state_dict(), strict=False)
+    return extended
 
 
 def _share_of(deadline: float | None, limit: float, share: float) -> float | None:
@@ -274,6 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=None, help=f"streams; default {SHAPE_DEFAULTS['gamma']}")
     p.add_argument("--stream-layers", type=int, default=None, help=f"default {SHAPE_DEFAULTS['stream_layers']}")
     p.add_argument("--lora-rank", type=int, default=None, help=f"default {SHAPE_DEFAULTS['lora_rank']}")
+    p.add_argument("--bonus-rank", type=int, default=None,
+                   help="rank of the map that lets the streams read the bonus token (0 = off, the default); with "
+                        "--init-adapter, a rank for an adapter without the map adds it")
     p.add_argument("--init-adapter", type=Path, default=None,
                    help="start from this adapter's weights, shape, stream scale and draft vocabulary")
     p.add_argument("--samples", type=int, default=1536, help="self-distilled prompts to generate")
@@ -310,6 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name, value in SHAPE_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+        args.bonus_rank = args.bonus_rank or 0
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() and args.device != "cpu" else "no"
     _warn_slow_bf16(args)

@@ -12,11 +12,13 @@ from safetensors.torch import load_file, save_file
 from .conftest import random_adapter
 
 
-def test_round_trip(tiny_base, tmp_path):
-    adapter = random_adapter(tiny_base, 0)
+@pytest.mark.parametrize("bonus_rank", [0, 4])
+def test_round_trip(tiny_base, tmp_path, bonus_rank):
+    adapter = random_adapter(tiny_base, 0, bonus_rank=bonus_rank)
     save_adapter(adapter, tmp_path / "a")
     loaded = load_adapter(tmp_path / "a", tiny_base.weights.shape, tiny_base.identity)
-    assert loaded.config == adapter.config
+    assert loaded.config == adapter.config and loaded.config.bonus_rank == bonus_rank
+    assert ("bonus_up" in dict(loaded.named_parameters())) == bool(bonus_rank)
     for (name, p), (_, q) in zip(adapter.named_parameters(), loaded.named_parameters()):
         assert torch.equal(p.float(), q), name
     # The weights file itself is accepted as the path too.

@@ -43,6 +43,17 @@ def test_specstream_equals_plain_for_random_adapters(tiny_base, seed):
     assert plain[-1].finish_reason == spec[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("stream_pass", ["auto", "joint"])
+def test_bonus_streams_are_lossless_and_always_take_the_second_pass(tiny_base, stream_pass):
+    """Streams that read the bonus token exist only after verification, whatever the stream pass."""
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 7, bonus_rank=4))
+    settings = replace(WIDE, stream_pass=stream_pass)
+    plain, spec = decode_both(model, [3, 9, 4], settings)
+    assert tokens_of(spec) == tokens_of(plain)
+    assert all(r.second_pass and not r.stream_nodes for r in spec[1:])
+    assert any(r.accepted_length for r in spec[1:])
+
+
 def test_records_are_consistent(tiny_base):
     model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 7))
     _, spec = decode_both(model, [4, 5, 6], WIDE)

@@ -1,9 +1,12 @@
 """Multi-stream attention: streams never change the main stream, and each stream sees exactly
 the main stream up to its own position and the streams before it at that position."""
 
+import pytest
 import torch
 
 from specstream.streams import SpeculativeModel, stream_attention_mask
+from specstream.training.features import Sequence, main_stream_features
+from specstream.training.objective import StreamObjective
 
 from .conftest import random_adapter
 
@@ -11,7 +14,10 @@ PROMPT = [1, 7, 9, 12, 4, 18, 6, 10, 15]
 
 
 def run(model, tokens, gamma=None, sources="all"):
-    cache = model.new_cache(len(tokens) * 8 + 32)
+    return run_in(model, model.new_cache(len(tokens) * 8 + 32), tokens, gamma, sources)
+
+
+def run_in(model, cache, tokens, gamma=None, sources=None):
     causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
     with torch.inference_mode():
         return model.forward(cache, torch.tensor(tokens), torch.arange(len(tokens)), causal, stream_sources=sources, gamma=gamma)
@@ -79,3 +85,37 @@ def test_stream_attention_mask_layout():
         dtype=torch.bool,
     )
     assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("bonus_rank", [0, 4])
+def test_training_computes_the_streams_the_decoder_computes(tiny_base, bonus_rank):
+    """The objective's stream rows at position t are the ones the decoder's second pass computes at
+    t, given the token after t as the bonus: an off-by-one there would train streams that no
+    decoder ever runs."""
+    adapter = random_adapter(tiny_base, 5, bonus_rank=bonus_rank)
+    model = SpeculativeModel(tiny_base.weights, adapter)
+    first_source = 3
+    features = main_stream_features(tiny_base.weights, [Sequence(tuple(PROMPT), first_source)],
+                                    model.first_stream_layer, True, torch.float64)
+    with torch.no_grad():
+        trained, _, start = StreamObjective(adapter, tiny_base.weights).top_layers(features)
+    trained = trained[0].view(len(PROMPT) - start, model.gamma, -1)
+    for t in range(first_source, len(PROMPT) - 1):
+        cache = model.new_cache(len(PROMPT) + 8)
+        out = run_in(model, cache, PROMPT[: t + 1])
+        cache.advance(t + 1)
+        with torch.inference_mode():
+            decoded = model.streams_at_end(cache, out.early_hidden[-1], model.gamma, bonus=PROMPT[t + 1])
+        torch.testing.assert_close(trained[t - start], decoded, atol=1e-9, rtol=1e-9)
+
+
+def test_bonus_streams_read_the_bonus_token(tiny_base):
+    model = SpeculativeModel(tiny_base.weights, random_adapter(tiny_base, 6, bonus_rank=4))
+    cache = model.new_cache(len(PROMPT) + 8)
+    out = run_in(model, cache, PROMPT)
+    cache.advance(len(PROMPT))
+    with torch.inference_mode():
+        one, two = (model.streams_at_end(cache, out.early_hidden[-1], model.gamma, bonus=b) for b in (7, 8))
+        with pytest.raises(ValueError, match="bonus"):
+            model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
+    assert model.streams_need_bonus and not torch.allclose(one, two)

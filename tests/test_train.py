@@ -188,3 +188,24 @@ def test_init_adapter_trains_on_from_its_weights(tiny_dir, tmp_path):
         train.main([*shape_free, "--draft-vocab", "20"])
     with pytest.raises(SystemExit, match="adapter folder .* does not exist"):
         train.main([*shape_free[:-1], str(tmp_path / "none")])
+
+
+def test_bonus_map_joins_an_adapter_as_a_no_op_and_then_learns(tiny_dir, tmp_path):
+    """--bonus-rank on an --init-adapter without the map adds one that changes nothing until trained."""
+    data = write_samples(tmp_path / "data")
+    first = train.main(argv(tiny_dir, data, tmp_path / "a", "--epochs", "4"))
+    on_from = ["--model", str(tiny_dir), "--data-dir", str(data), "--batch-size", "4", "--device", "cpu",
+               "--init-adapter", str(tmp_path / "a"), "--bonus-rank", "4", "--epochs", "2"]
+    still = train.main([*on_from, "--out", str(tmp_path / "still"), "--lr", "0"])
+    assert still["eval"] == first["eval"]
+    train.main([*on_from, "--out", str(tmp_path / "b"), "--lr", "0.01"])
+    weights = load_file(str(tmp_path / "b" / "adapter.safetensors"))
+    assert json.loads((tmp_path / "b" / "adapter.json").read_text())["bonus_rank"] == 4
+    assert weights["bonus_up"].abs().max() > 0
+    base = load_base_model(str(tiny_dir), device="cpu")
+    model, prompt = build_model(base, tmp_path / "b"), [3, 7, 8, 4]
+    settings = DecodeSettings(max_new_tokens=12, tree="fixed", node_budget=8)
+    spec = [t for r in specstream_decode(model, prompt, settings) for t in r.emitted_tokens]
+    assert spec == [t for r in plain_decode(model, prompt, settings) for t in r.emitted_tokens]
+    with pytest.raises(SystemExit, match="--bonus-rank 8 differs from the --init-adapter's 4"):
+        train.main([*on_from[:-5], str(tmp_path / "b"), "--bonus-rank", "8", "--out", str(tmp_path / "c")])

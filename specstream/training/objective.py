@@ -41,6 +41,27 @@ class StreamObjective(nn.Module):
         self.__dict__["draft_columns"] = None if ids is None else column_lookup(ids, weights.shape.vocab_size)
 
     def forward(self, features: Features) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden, early, start = self.top_layers(features)
+        base, gamma = self.base, self.adapter.config.gamma
+        tokens = features.tokens.to(base.device)
+        batch, length = tokens.shape
+        sources = length - start
+        stream_hidden = hidden[:, -sources * gamma :].view(batch, sources, gamma, -1)
+        loss, metrics = self._stream_loss(stream_hidden, tokens, features, start)
+        prune_loss = self._pruning_loss(early, tokens, features)
+        loss = loss + self.prune_weight * prune_loss
+        metrics["pruning_loss"] = float(prune_loss.detach())
+        if not self.adapter.config.lossless:
+            main_loss = self._next_token_loss(hidden[:, :length], tokens, features)
+            loss = loss + self.main_weight * main_loss
+            metrics["main_loss"] = float(main_loss.detach())
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def top_layers(self, features: Features) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The top layers over a batch: their final-normed rows (B, S * gamma, d), the streams of
+        positions start.. L - 1, source-major, after the L main rows in shared mode; the main stream
+        entering them; and start."""
         base, gamma = self.base, self.adapter.config.gamma
         device = base.device
         tokens = features.tokens.to(device)
@@ -49,6 +70,9 @@ class StreamObjective(nn.Module):
         sources = length - start
         early = features.early_hidden.to(device=device, dtype=base.dtype)
         streams = early[:, start:, None, :] + self.adapter.stream_identity(gamma)[None, None]  # (B, S, g, d)
+        if self.adapter.config.bonus_rank:  # each source's bonus token is the sequence's next token
+            following = torch.cat([tokens[:, start + 1 :], tokens.new_zeros(batch, 1)], dim=1)
+            streams = streams + self.adapter.bonus_shift(base.embed[following].to(streams.dtype))[:, :, None, :]
         streams = streams.reshape(batch, sources * gamma, -1)
         stream_positions = (torch.arange(start, length, device=device)[:, None] + torch.arange(1, gamma + 1, device=device)).reshape(-1)
         causal = causal_block_mask(0, length, device)
@@ -62,18 +86,7 @@ class StreamObjective(nn.Module):
         for offset in range(self.adapter.config.stream_layers):
             layer = self.first_layer + offset
             x = decoder_layer(base.layers[layer], base.shape, x, rotary, self._kv(features, offset), mask, LoraDelta(self.adapter, offset, 0))
-        hidden = rms_norm(x, base.final_norm, base.shape.rms_norm_eps)
-        stream_hidden = hidden[:, -sources * gamma :].view(batch, sources, gamma, -1)
-        loss, metrics = self._stream_loss(stream_hidden, tokens, features, start)
-        prune_loss = self._pruning_loss(early, tokens, features)
-        loss = loss + self.prune_weight * prune_loss
-        metrics["pruning_loss"] = float(prune_loss.detach())
-        if not self.adapter.config.lossless:
-            main_loss = self._next_token_loss(hidden[:, :length], tokens, features)
-            loss = loss + self.main_weight * main_loss
-            metrics["main_loss"] = float(main_loss.detach())
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        return rms_norm(x, base.final_norm, base.shape.rms_norm_eps), early, start
 
     def _kv(self, features: Features, offset: int):
         if features.main_keys is None:

@@ -75,7 +75,7 @@ def _node_hover(node: NodeRecord, record: StepRecord) -> str:
     if node.index in record.stream_nodes:
         text += "<br>its streams were computed in this pass"
     elif record.second_pass and node.index == record.accepted_path[-1]:
-        text += "<br>its streams took a short second pass (the path was unlikely to end here)"
+        text += "<br>its streams took a short second pass" + (" (the path was unlikely to end here)" if record.stream_nodes else "")
     wanted = nodes[node.parent].main_choice_text if node.parent >= 0 else None
     if node.fate == Fate.REJECTED and wanted is not None:
         text += f"<br>the model wanted: {visible(wanted)}"

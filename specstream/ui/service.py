@@ -107,5 +107,5 @@ class ModelService:
             "device": str(self.base.device), "dtype": str(self.base.dtype).removeprefix("torch."),
             "matmul": self.base.weights.matmul,
             "adapter_mode": config.mode, "gamma": config.gamma, "stream_layers": config.stream_layers,
-            "adapter_note": self.adapter_note, "load_seconds": round(self.load_seconds or 0, 2),
+            "bonus_rank": config.bonus_rank, "adapter_note": self.adapter_note, "load_seconds": round(self.load_seconds or 0, 2),
         }

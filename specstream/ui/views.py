@@ -30,6 +30,9 @@ def model_markdown(info: dict) -> str:
     text = (f"**Model:** {weights} · **device:** {info['device']} · "
             f"**dtype:** {info['dtype']} · **matmul:** {info.get('matmul', 'torch')}  \n**Stream adapter:** {info['gamma']} streams in the top "
             f"{info['stream_layers']} layers, {mode}.")
+    if info.get("bonus_rank"):
+        text += (" Its streams also read the bonus token, which exists only after verification, so they run in "
+                 "a short second pass after each tree pass.")
     if info["adapter_note"]:
         text += f"  \n⚠️ {info['adapter_note']}"
     return text

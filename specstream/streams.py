@@ -92,6 +92,8 @@ def stream_attention_mask(main_mask: torch.Tensor, sources: list[int], gamma: in
     """
     rows, slots = main_mask.shape
     count = len(sources) * gamma
+    if not count:  # no stream rows (a deferred pass): block_diag of nothing is not an empty block
+        return main_mask
     own_streams = torch.block_diag(*[torch.ones(gamma, gamma, dtype=torch.bool).tril()] * len(sources))
     top = torch.cat([main_mask, main_mask.new_zeros(rows, count)], dim=1)
     inherited = main_mask[sources].repeat_interleave(gamma, dim=0)

@@ -119,3 +119,9 @@ def test_bonus_streams_read_the_bonus_token(tiny_base):
         with pytest.raises(ValueError, match="bonus"):
             model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
     assert model.streams_need_bonus and not torch.allclose(one, two)
+
+
+def test_stream_attention_mask_without_sources_is_the_main_mask():
+    """A deferred pass computes no streams; its mask (drawn by the app) is the tree's own."""
+    main = torch.ones(3, 5, dtype=torch.bool).tril()
+    assert torch.equal(stream_attention_mask(main, [], 3), main)

@@ -115,10 +115,10 @@ class DecodeSettings:
             raise SettingsError("; ".join(problems))
         return self
 
-    def deferred_streams(self, model: SpeculativeModel | None = None) -> bool:
+    def deferred_streams(self, model: SpeculativeModel) -> bool:
         """Whether streams wait for the second pass: "deferred", or any mode with an adapter whose
         streams read the bonus token, which exists only after verification."""
-        return self.stream_pass == "deferred" or bool(model and model.streams_need_bonus)
+        return self.stream_pass == "deferred" or model.streams_need_bonus
 
     def likely_streams(self, device: torch.device) -> bool:
         """Whether streams are computed only where the path is likely to end (unless deferred):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .adapter import AdapterConfig, AdapterError, StreamAdapter, load_adapter, save_adapter
 from .loading import ModelLoadError, cache_root, load_base_model
 from .draft_vocab import frequency_ranked
-from .phrases import PhraseTable
+from .phrases import PHRASES_FILE, PhraseTable
 from .selfdistill import Sample, build_dataset, refuse_benchmark
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.features import Features, Sequence, main_stream_features, to_sequences
@@ -119,6 +119,8 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(settings.seed)
     base = load_base_model(args.model, device=str(accelerator.device), dtype="float32")
     start_from = _starting_adapter(args, base)
+    # read before the hours of training, so that a corrupt table fails now
+    kept_phrases = PhraseTable.load(args.init_adapter, base.weights.shape.vocab_size) if args.keep_phrases else None
     samples = build_dataset(base, args.data_dir, count=args.samples, prompt_files=tuple(args.prompt_file),
                             max_new_tokens=args.reply_tokens, seed=settings.seed, batch_size=args.generation_batch,
                             dtype=getattr(torch, args.generation_dtype),
@@ -144,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
     result = run_steps(accelerator, model, optimizer, features, settings, start, args, deadline, len(eval_features))
     result["eval"] = evaluate(objective, eval_features)
     if accelerator.is_main_process:
-        finish(args, adapter, result, settings, samples, sequences)
+        finish(args, adapter, result, settings, samples, sequences, kept_phrases)
     return result
 
 
@@ -271,8 +273,9 @@ def _fit_to_deadline(planned: int, done: int, warm: tuple[int, float], deadline:
     return total
 
 
-def finish(args, adapter: StreamAdapter, result: dict, settings: TrainSettings, samples: list[Sample], sequences) -> None:
-    phrases = PhraseTable.build(list(s.reply_ids) for s in samples)
+def finish(args, adapter: StreamAdapter, result: dict, settings: TrainSettings, samples: list[Sample], sequences,
+           kept_phrases: PhraseTable | None) -> None:
+    phrases = kept_phrases if kept_phrases is not None else PhraseTable.build(list(s.reply_ids) for s in samples)
     phrases.save(args.out)
     result |= {"settings": asdict(settings), "samples": len(samples), "sequences": len(sequences), "phrases": len(phrases),
                "tokens": sum(len(s.tokens) for s in sequences), "command": "python -m specstream.train " + " ".join(sys.argv[1:])}
@@ -293,6 +296,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--init-adapter, a rank for an adapter without the map adds it")
     p.add_argument("--init-adapter", type=Path, default=None,
                    help="start from this adapter's weights, shape, stream scale and draft vocabulary")
+    # The table's counts are not stored, so it cannot be merged with new data; rebuilding it from a
+    # smaller set than the one that built it loses phrases (9,072 replies' table: +0.16 tau over 3,072's).
+    p.add_argument("--keep-phrases", action="store_true",
+                   help="keep the --init-adapter's phrase table rather than rebuild it from this run's replies "
+                        "(for new data smaller than, or apart from, the data that built that table)")
     p.add_argument("--samples", type=int, default=1536, help="self-distilled prompts to generate")
     p.add_argument("--reply-tokens", type=int, default=160, help="greedy reply length for the data")
     p.add_argument("--prompt-file", type=Path, action="append", default=[], help="extra prompts (.txt or .jsonl)")
@@ -328,6 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, name) is None:
                 setattr(args, name, value)
         args.bonus_rank = args.bonus_rank or 0
+    if args.keep_phrases and (args.init_adapter is None or not (args.init_adapter / PHRASES_FILE).is_file()):
+        p.error("--keep-phrases needs an --init-adapter that has a phrase table")
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() and args.device != "cpu" else "no"
     _warn_slow_bf16(args)

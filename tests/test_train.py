@@ -14,7 +14,7 @@ from specstream.loading import load_base_model
 from specstream.selfdistill import Sample
 
 
-def write_samples(folder, count=24, seed=0):
+def write_samples(folder, count=24, seed=0, stride=1):
     rng = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -22,7 +22,7 @@ def write_samples(folder, count=24, seed=0):
         prompt = [3] + torch.randint(6, 24, (4,), generator=rng).tolist() + [4]
         # Replies that follow a simple rule, so the streams have something learnable.
         start = int(torch.randint(6, 24, (1,), generator=rng))
-        reply = [6 + (start - 6 + k) % 18 for k in range(20)] + [2]
+        reply = [6 + (start - 6 + k * stride) % 18 for k in range(20)] + [2]
         lines.append(json.dumps(Sample("p", tuple(prompt), tuple(reply)).__dict__))
     (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -188,6 +188,25 @@ def test_init_adapter_trains_on_from_its_weights(tiny_dir, tmp_path):
         train.main([*shape_free, "--draft-vocab", "20"])
     with pytest.raises(SystemExit, match="adapter folder .* does not exist"):
         train.main([*shape_free[:-1], str(tmp_path / "none")])
+
+
+def test_keep_phrases_carries_the_init_adapters_table_over(tiny_dir, tmp_path, capsys):
+    """By default a run rebuilds the phrase table from its own replies; --keep-phrases keeps the
+    --init-adapter's (a run on a little new data must not drop the table of a bigger set)."""
+    train.main(argv(tiny_dir, write_samples(tmp_path / "data"), tmp_path / "a", "--epochs", "1"))
+    on_from = ["--model", str(tiny_dir), "--data-dir", str(write_samples(tmp_path / "other", stride=5)),
+               "--batch-size", "4", "--device", "cpu", "--epochs", "1", "--init-adapter", str(tmp_path / "a")]
+    train.main([*on_from, "--out", str(tmp_path / "rebuilt")])
+    kept = train.main([*on_from, "--out", str(tmp_path / "kept"), "--keep-phrases"])
+    table = {name: (tmp_path / name / "phrases.safetensors").read_bytes() for name in ("a", "rebuilt", "kept")}
+    assert table["kept"] == table["a"] != table["rebuilt"]
+    assert kept["phrases"] == len(build_model(load_base_model(str(tiny_dir), device="cpu"), tmp_path / "a").phrases)
+    with pytest.raises(SystemExit):
+        train.main(argv(tiny_dir, tmp_path / "data", tmp_path / "c", "--keep-phrases"))
+    assert "--keep-phrases needs an --init-adapter that has a phrase table" in capsys.readouterr().err
+    (tmp_path / "a" / "phrases.safetensors").write_bytes(b"not a table")
+    with pytest.raises(SystemExit, match="is not a phrase table"):
+        train.main([*on_from, "--out", str(tmp_path / "k2"), "--keep-phrases"])
 
 
 def test_bonus_map_joins_an_adapter_as_a_no_op_and_then_learns(tiny_dir, tmp_path):

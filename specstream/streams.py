@@ -228,6 +228,8 @@ class SpeculativeModel:
         """The kept rows (positions in `kept`) that carry streams."""
         if which is None or self.adapter is None:
             return []
+        if self.streams_need_bonus:  # rows made here could not see it: they would be silently wrong
+            raise ValueError("this adapter's streams read the bonus token: compute them with streams_at_end")
         if which == "all":
             return list(range(len(kept)))
         if which == "last":

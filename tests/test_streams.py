@@ -118,6 +118,8 @@ def test_bonus_streams_read_the_bonus_token(tiny_base):
         one, two = (model.streams_at_end(cache, out.early_hidden[-1], model.gamma, bonus=b) for b in (7, 8))
         with pytest.raises(ValueError, match="bonus"):
             model.streams_at_end(cache, out.early_hidden[-1], model.gamma)
+    with pytest.raises(ValueError, match="bonus"):  # a pass cannot carry them: it has no bonus yet
+        run_in(model, model.new_cache(len(PROMPT) + 8), PROMPT, sources="all")
     assert model.streams_need_bonus and not torch.allclose(one, two)
 
 

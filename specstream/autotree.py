@@ -40,6 +40,14 @@ EXPLORE_EVERY = 16
 # Passes the timed-pass correction averages over: the tables' errors on a busy machine (a few per cent
 # between depths) are smaller than one pass's noise, so it takes many passes to see them.
 TIMING_WINDOW = 200.0
+# The timed passes also refit the tables' shape: what a pass's nodes add over a pass without drafts, against
+# what that base costs. Worth this many passes of "the tables' shape is right" before the first pass is
+# timed, and kept within SHAPE_RANGE of it. A start-up table is a snapshot of a shared machine: one read
+# 4 nodes at 1.61x a plain step where they cost 1.27-1.31x timed alone the same hour, and a plain step is
+# bound by memory where a tree's rows are bound by arithmetic, so the two move apart as neighbours come and go.
+SHAPE_PRIOR = 5.0
+REFIT_SHAPE = True  # False keeps the tables' shape (A/B runs)
+SHAPE_RANGE = (0.5, 2.0)
 # A depth the plans never pick is never timed, so its table could never be corrected: after this many
 # timed passes without it, one replanning window drafts at that depth (a few per cent of the passes).
 EXPLORE_DEPTH_EVERY = 96
@@ -249,17 +257,26 @@ class PassTimes:
         self.tokens: dict[int, list[float]] = {}
         self.seen = 0  # passes timed
         self.last: dict[int, int] = {}  # the pass count when each depth was last timed
+        # Moving sums over timed passes of base^2, base * extra, extra^2, base * timed, extra * timed and a
+        # count, where base is the table's price of the pass without drafts and extra what the nodes add.
+        self.moments = [0.0] * 6
 
     def stale(self, depths) -> int | None:
         """A depth not timed for EXPLORE_DEPTH_EVERY passes, if any."""
         return next((d for d in sorted(depths) if self.seen - self.last.get(d, 0) > EXPLORE_DEPTH_EVERY), None)
 
     def observe(self, depth: int, seconds: float, predicted: float, tokens: float | None = None,
-                expected: float | None = None) -> None:
+                expected: float | None = None, base: float | None = None) -> None:
         """A pass at `depth` took `seconds` where its table priced it at `predicted`; it yielded
-        `tokens` where its plan expected `expected` (both optional)."""
+        `tokens` where its plan expected `expected`; `base` is the table's price of a pass at that depth
+        without drafts (all three optional)."""
         if predicted <= 0 or seconds <= 0:
             return
+        if base is not None and 0 < base <= predicted:
+            extra = predicted - base
+            keep = 1.0 - 1.0 / TIMING_WINDOW
+            terms = (base * base, base * extra, extra * extra, base * seconds, extra * seconds, 1.0)
+            self.moments = [keep * old + new for old, new in zip(self.moments, terms)]
         self.seen += 1
         self.last[depth] = self.seen
         ratio = seconds / predicted
@@ -284,6 +301,34 @@ class PassTimes:
         if depth not in self.ratio:
             return 1.0
         return (self.ratio[depth] / self._yield(depth)) / (self.ratio[self.ALL] / self._yield(self.ALL))
+
+
+    def shape(self) -> float:
+        """How much dearer, against the tables, the timed passes found what nodes add over a pass without
+        drafts than that base itself: timed = a * base + b * extra fitted by least squares, pulled towards
+        a = b by SHAPE_PRIOR passes at the mean base and extra; b / a, within SHAPE_RANGE (1 untimed)."""
+        bb, be, ee, by, ey, count = self.moments
+        if count <= 0 or ee <= 0:
+            return 1.0
+        overall = (by + ey) / (bb + 2 * be + ee)  # timed over priced, summed: where the prior pulls both
+        pull_b, pull_e = SHAPE_PRIOR * bb / count, SHAPE_PRIOR * ee / count
+        a11, a22 = bb + pull_b, ee + pull_e
+        r1, r2 = by + pull_b * overall, ey + pull_e * overall
+        determinant = a11 * a22 - be * be
+        if determinant <= 0:
+            return 1.0
+        a, b = (r1 * a22 - be * r2) / determinant, (a11 * r2 - be * r1) / determinant
+        if a <= 0:
+            return SHAPE_RANGE[1]
+        return min(max(b / a, SHAPE_RANGE[0]), SHAPE_RANGE[1])
+
+    def reshaped(self, costs: PassCosts) -> PassCosts:
+        """The table with what its nodes add over its smallest tree scaled by `shape`."""
+        shape = self.shape() if REFIT_SHAPE else 1.0
+        if shape == 1.0:
+            return costs
+        base = costs.tree[min(costs.tree)]
+        return replace(costs, tree={size: base + shape * (seconds - base) for size, seconds in costs.tree.items()})
 
 
 def _priced_size(costs: PassCosts, nodes: int) -> int:
@@ -315,6 +360,8 @@ class TreePlanner:
     def _choose(self) -> Plan:
         stale = self.times.stale(self.costs) if self.times is not None and len(self.costs) > 1 else None
         costs = self.costs if stale is None else {stale: self.costs[stale]}
+        if self.times is not None:
+            costs = {depth: self.times.reshaped(table) for depth, table in costs.items()}
         return choose_depth(self.stats, self.top_k, costs, self.max_budget, self.copied, self.max_lookup, self.times)
 
     def chain_length(self, kind: CopyKind) -> int:
@@ -336,7 +383,7 @@ class TreePlanner:
             table = self.costs[depth]
             predicted = table.seconds(_priced_size(table, len(record.nodes)), len(record.emitted_tokens))
             self.times.observe(depth, record.seconds, predicted, len(record.emitted_tokens),
-                               record.expected_tokens_per_pass)
+                               record.expected_tokens_per_pass, base=table.tree[min(table.tree)])
         self.passes += 1
         if self.passes % REPLAN_EVERY == 0:
             self.plan = self._choose()

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from specstream import costs, decoding
+from specstream import autotree, costs, decoding
 from specstream.autotree import (
     EXPLORE_DEPTH_EVERY, EXPLORE_EVERY, REPLAN_EVERY, AcceptanceStats, CopiedStats, LookupStats, PassTimes, TreePlanner, choose,
     choose_depth, expected_tokens, expected_tokens_by_budget, lookup_length,
@@ -325,6 +325,51 @@ def test_a_depth_that_yields_less_than_planned_is_corrected():
         times.observe(3, seconds=0.011, predicted=0.011, tokens=1.6, expected=2.0)
     assert times.factor(3) > 1.0 > times.factor(1)
     assert choose_depth(stats, (3, 3, 3), tables, 64, times=times).depth == 1
+
+
+def _timed(times: PassTimes, cost, passes: int = 200) -> None:
+    """Passes over trees whose table prices a 17 ms base plus 2.5 to 9 ms of nodes, timed at `cost(base, extra)`."""
+    extras = (0.0025, 0.0035, 0.0045, 0.0055, 0.007, 0.009)
+    for i in range(passes):
+        extra = extras[i % len(extras)]
+        times.observe(1, cost(0.017, extra), 0.017 + extra, base=0.017)
+
+
+def test_timed_passes_refit_what_nodes_cost_against_the_base():
+    """A start-up table that priced the nodes of a pass at 1 / 1.6 of what they cost is refitted from the
+    passes timed since; one right up to a common factor, or off by a per-pass constant, nearly keeps its shape."""
+    assert PassTimes().shape() == 1.0  # nothing timed: the table as measured
+    dear = PassTimes()
+    _timed(dear, lambda base, extra: base + 1.6 * extra)
+    assert 1.3 < dear.shape() < 1.6  # pulled a little towards the table (SHAPE_PRIOR)
+    cheap = PassTimes()
+    _timed(cheap, lambda base, extra: base + 0.6 * extra)
+    assert 0.6 < cheap.shape() < 0.8
+    scaled = PassTimes()
+    _timed(scaled, lambda base, extra: 1.2 * (base + extra))
+    assert scaled.shape() == pytest.approx(1.0, abs=0.02)
+    overhead = PassTimes()  # Python a pass that no table times: a little cheaper nodes, relatively
+    _timed(overhead, lambda base, extra: base + extra + 0.0015)
+    assert 0.85 < overhead.shape() < 1.0
+
+
+def test_the_planner_drafts_by_the_refitted_table():
+    """Nodes that cost twice their price make the planner draft a smaller tree than the table alone would;
+    with REFIT_SHAPE off it keeps the table's choice."""
+    stats = stats_with([[0.6, 0.3, 0.2], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    table = PassCosts(0.017, {n: 0.017 + 0.001 * n for n in costs.SIZES}, 0.0)
+    times = PassTimes()
+    as_measured = TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget
+    _timed(times, lambda base, extra: base + 2.0 * extra)
+    refitted = times.reshaped(table)
+    assert refitted.tree[1] == table.tree[1] and refitted.tree[8] > table.tree[8]
+    assert TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget < as_measured
+    autotree.REFIT_SHAPE = False
+    try:
+        assert times.reshaped(table) is table
+        assert TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget == as_measured
+    finally:
+        autotree.REFIT_SHAPE = True
 
 
 def test_a_depth_never_planned_is_timed_now_and_then():

@@ -46,8 +46,8 @@ TIMING_WINDOW = 200.0
 # 4 nodes at 1.61x a plain step where they cost 1.27-1.31x timed alone the same hour, and a plain step is
 # bound by memory where a tree's rows are bound by arithmetic, so the two move apart as neighbours come and go.
 SHAPE_PRIOR = 5.0
-REFIT_SHAPE = True  # False keeps the tables' shape (A/B runs)
 SHAPE_RANGE = (0.5, 2.0)
+REFIT_SHAPE = True  # False keeps the tables' shape (A/B runs)
 # A depth the plans never pick is never timed, so its table could never be corrected: after this many
 # timed passes without it, one replanning window drafts at that depth (a few per cent of the passes).
 EXPLORE_DEPTH_EVERY = 96
@@ -302,7 +302,6 @@ class PassTimes:
             return 1.0
         return (self.ratio[depth] / self._yield(depth)) / (self.ratio[self.ALL] / self._yield(self.ALL))
 
-
     def shape(self) -> float:
         """How much dearer, against the tables, the timed passes found what nodes add over a pass without
         drafts than that base itself: timed = a * base + b * extra fitted by least squares, pulled towards
@@ -322,13 +321,22 @@ class PassTimes:
             return SHAPE_RANGE[1]
         return min(max(b / a, SHAPE_RANGE[0]), SHAPE_RANGE[1])
 
-    def reshaped(self, costs: PassCosts) -> PassCosts:
-        """The table with what its nodes add over its smallest tree scaled by `shape`."""
+    def reshaped(self, tables: dict[int, PassCosts]) -> dict[int, PassCosts]:
+        """Each table (by depth) with what its nodes add over its base scaled by `shape`."""
         shape = self.shape() if REFIT_SHAPE else 1.0
         if shape == 1.0:
-            return costs
-        base = costs.tree[min(costs.tree)]
-        return replace(costs, tree={size: base + shape * (seconds - base) for size, seconds in costs.tree.items()})
+            return tables
+        return {depth: _scaled_nodes(costs, shape) for depth, costs in tables.items()}
+
+
+def _base(costs: PassCosts) -> float:
+    """A table's price of a pass without drafts (its smallest tree): what the shape refit measures nodes against."""
+    return costs.tree[min(costs.tree)]
+
+
+def _scaled_nodes(costs: PassCosts, shape: float) -> PassCosts:
+    base = _base(costs)
+    return replace(costs, tree={size: base + shape * (seconds - base) for size, seconds in costs.tree.items()})
 
 
 def _priced_size(costs: PassCosts, nodes: int) -> int:
@@ -361,7 +369,7 @@ class TreePlanner:
         stale = self.times.stale(self.costs) if self.times is not None and len(self.costs) > 1 else None
         costs = self.costs if stale is None else {stale: self.costs[stale]}
         if self.times is not None:
-            costs = {depth: self.times.reshaped(table) for depth, table in costs.items()}
+            costs = self.times.reshaped(costs)
         return choose_depth(self.stats, self.top_k, costs, self.max_budget, self.copied, self.max_lookup, self.times)
 
     def chain_length(self, kind: CopyKind) -> int:
@@ -383,7 +391,7 @@ class TreePlanner:
             table = self.costs[depth]
             predicted = table.seconds(_priced_size(table, len(record.nodes)), len(record.emitted_tokens))
             self.times.observe(depth, record.seconds, predicted, len(record.emitted_tokens),
-                               record.expected_tokens_per_pass, base=table.tree[min(table.tree)])
+                               record.expected_tokens_per_pass, base=_base(table))
         self.passes += 1
         if self.passes % REPLAN_EVERY == 0:
             self.plan = self._choose()

@@ -353,7 +353,7 @@ def test_timed_passes_refit_what_nodes_cost_against_the_base():
     assert 0.85 < overhead.shape() < 1.0
 
 
-def test_the_planner_drafts_by_the_refitted_table():
+def test_the_planner_drafts_by_the_refitted_table(monkeypatch):
     """Nodes that cost twice their price make the planner draft a smaller tree than the table alone would;
     with REFIT_SHAPE off it keeps the table's choice."""
     stats = stats_with([[0.6, 0.3, 0.2], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]])
@@ -361,15 +361,12 @@ def test_the_planner_drafts_by_the_refitted_table():
     times = PassTimes()
     as_measured = TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget
     _timed(times, lambda base, extra: base + 2.0 * extra)
-    refitted = times.reshaped(table)
+    refitted = times.reshaped({3: table})[3]
     assert refitted.tree[1] == table.tree[1] and refitted.tree[8] > table.tree[8]
     assert TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget < as_measured
-    autotree.REFIT_SHAPE = False
-    try:
-        assert times.reshaped(table) is table
-        assert TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget == as_measured
-    finally:
-        autotree.REFIT_SHAPE = True
+    monkeypatch.setattr(autotree, "REFIT_SHAPE", False)
+    assert times.reshaped({3: table})[3] is table
+    assert TreePlanner((3, 3, 3), 64, stats, {3: table}, times=times).plan.node_budget == as_measured
 
 
 def test_a_depth_never_planned_is_timed_now_and_then():
